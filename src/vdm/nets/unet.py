@@ -1,0 +1,147 @@
+"""The VDM score network: a U-Net without downsampling that predicts ε from (z_t, conditioning).
+
+Architecture of the official implementation (`ScoreUNet` in google-research/vdm `model_vdm.py`), in NCHW:
+conv_in (3×3) on [z, Fourier features of z] → L residual blocks (outputs kept as skips) → middle
+(block, single-head self-attention, block) → L + 1 up blocks on concat(h, skip) → GroupNorm, swish,
+conv_out → + z. This module knows nothing of the diffusion: it sees z and a scalar t_c ∈ [0, 1] per example.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+GN_GROUPS = 32
+GN_EPS = 1e-6
+
+
+def timestep_embedding(t: Tensor, dim: int) -> Tensor:
+    """Sinusoidal embedding of 1000·t, (B,) → (B, dim): [sin(1000 t ω_i), cos(1000 t ω_i)],
+    ω_i = exp(−ln(10⁴)·i/(half − 1)). Computed in float32 as the official code does, even for float64 inputs.
+    """
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=t.device) * -(math.log(10000.0) / (half - 1)))
+    arg = (t * 1000.0).to(torch.float32)[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(arg), torch.cos(arg)], dim=1)
+    if dim % 2 == 1:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+def fourier_features(z: Tensor, exponents: Sequence[int]) -> Tensor:
+    """[sin(2ⁿ·2π·z), cos(2ⁿ·2π·z)] for n in `exponents`, channel-major: (B, C, H, W) → (B, 2·C·len(n), H, W)."""
+    n = len(exponents)
+    w = (2.0 ** torch.tensor(list(exponents), dtype=z.dtype, device=z.device)) * (2 * math.pi)
+    h = z.repeat_interleave(n, dim=1) * w.repeat(z.shape[1])[None, :, None, None]
+    return torch.cat([torch.sin(h), torch.cos(h)], dim=1)
+
+
+class GroupNorm(nn.GroupNorm):
+    """GroupNorm with the official settings (32 groups, ε = 1e-6)."""
+
+    def __init__(self, channels: int):
+        super().__init__(min(GN_GROUPS, channels), channels, eps=GN_EPS)
+
+
+class ResnetBlock(nn.Module):
+    """GN → swish → conv3×3 → + Dense(cond) → GN → swish → dropout → conv3×3 (zero init) → + shortcut."""
+
+    def __init__(self, in_ch: int, out_ch: int, cond_dim: int, dropout: float):
+        super().__init__()
+        self.norm1 = GroupNorm(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.cond_proj = nn.Linear(cond_dim, out_ch, bias=False)
+        self.norm2 = GroupNorm(out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+        nn.init.zeros_(self.cond_proj.weight)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.cond_proj(cond)[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        if self.nin_shortcut is not None:
+            x = self.nin_shortcut(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all H·W positions, with a residual connection."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.norm = GroupNorm(ch)
+        self.q = nn.Linear(ch, ch)
+        self.k = nn.Linear(ch, ch)
+        self.v = nn.Linear(ch, ch)
+        self.proj_out = nn.Linear(ch, ch)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        h = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        q, k, v = (lin(h).unsqueeze(1) for lin in (self.q, self.k, self.v))  # (B, 1, HW, C)
+        h = F.scaled_dot_product_attention(q, k, v).squeeze(1)
+        h = self.proj_out(h).transpose(1, 2).reshape(B, C, H, W)
+        return x + h
+
+
+class ScoreUNet(nn.Module):
+    """ε̂(z, t_c): `channels` image channels, width `n_embd`, depth `n_layer` (the official `sm_*` settings)."""
+
+    def __init__(self, channels: int = 3, n_embd: int = 128, n_layer: int = 32, dropout: float = 0.1,
+                 attention: bool = False, fourier_exponents: Sequence[int] = (6, 7)):
+        super().__init__()
+        self.n_embd = n_embd
+        self.fourier_exponents = tuple(fourier_exponents)
+        cond_dim = 4 * n_embd
+        self.dense0 = nn.Linear(n_embd + 1, cond_dim)
+        self.dense1 = nn.Linear(cond_dim, cond_dim)
+        in_ch = channels * (1 + 2 * len(self.fourier_exponents))
+        self.conv_in = nn.Conv2d(in_ch, n_embd, 3, padding=1)
+
+        def block(cin: int) -> ResnetBlock:
+            return ResnetBlock(cin, n_embd, cond_dim, dropout)
+
+        def attn() -> nn.Module:
+            return AttnBlock(n_embd) if attention else nn.Identity()
+
+        self.down = nn.ModuleList(block(n_embd) for _ in range(n_layer))
+        self.down_attn = nn.ModuleList(attn() for _ in range(n_layer))
+        self.mid_block1 = block(n_embd)
+        self.mid_attn = AttnBlock(n_embd)
+        self.mid_block2 = block(n_embd)
+        self.up = nn.ModuleList(block(2 * n_embd) for _ in range(n_layer + 1))
+        self.up_attn = nn.ModuleList(attn() for _ in range(n_layer + 1))
+        self.norm_out = GroupNorm(n_embd)
+        self.conv_out = nn.Conv2d(n_embd, channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, z: Tensor, t_c: Tensor, conditioning: Tensor | None = None) -> Tensor:
+        """z (B, C, H, W); t_c (B,) normalised log-SNR in [0, 1]; conditioning (B,) scalar (zeros by default)."""
+        if conditioning is None:
+            conditioning = torch.zeros_like(t_c)
+        temb = timestep_embedding(t_c, self.n_embd).to(z.dtype)
+        cond = torch.cat([temb, conditioning.to(z.dtype)[:, None]], dim=1)
+        cond = F.silu(self.dense1(F.silu(self.dense0(cond))))
+
+        h = z
+        if self.fourier_exponents:
+            h = torch.cat([z, fourier_features(z, self.fourier_exponents)], dim=1)
+        h = self.conv_in(h)
+        skips = [h]
+        for blk, att in zip(self.down, self.down_attn):
+            h = att(blk(h, cond))
+            skips.append(h)
+        h = self.mid_block2(self.mid_attn(self.mid_block1(h, cond)), cond)
+        for blk, att in zip(self.up, self.up_attn):
+            h = att(blk(torch.cat([h, skips.pop()], dim=1), cond))
+        h = self.conv_out(F.silu(self.norm_out(h)))
+        return h + z

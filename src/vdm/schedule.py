@@ -1,0 +1,161 @@
+"""Noise schedules γ(t): the log noise-to-signal ratio, strictly increasing on t ∈ [0, 1].
+
+Every schedule is written as
+
+    γ(t) = γ₀ + (γ₁ − γ₀)·s(t),   s(0) = 0,  s(1) = 1,  s non-decreasing,
+
+so that the endpoints (γ₀, γ₁), which set the VLB, are parameters apart from the interior shape s, whose
+parameters are trained to minimise the variance of the diffusion-loss estimator (paper, appendix on variance
+minimisation; the continuous-time loss does not depend on the shape in expectation, section 5).
+
+Each schedule returns γ(t) and its time derivative γ'(t) in one pass (`gamma_and_derivative`), so the
+continuous-time loss never needs a second network evaluation or a Jacobian-vector product.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+SCHEDULE_KINDS = ("fixed_linear", "learned_linear", "learned_nnet")
+
+
+class Schedule(nn.Module):
+    """Base class. Subclasses define the endpoints and the shape `s(t)` with its derivative."""
+
+    def endpoints(self) -> tuple[Tensor, Tensor]:
+        """(γ₀, γ₁) as 0-d tensors."""
+        raise NotImplementedError
+
+    def shape(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """(s(t), s'(t)), each the shape of `t`; identity for linear schedules."""
+        return t, torch.ones_like(t)
+
+    def shape_parameters(self) -> list[nn.Parameter]:
+        """Parameters of s(t) (trained for low variance, not for the VLB)."""
+        return []
+
+    def gamma_and_derivative(self, t: Tensor, shape_grad_hook: Callable[[Tensor], Tensor] | None = None
+                             ) -> tuple[Tensor, Tensor]:
+        """γ(t) and dγ/dt at `t` (any shape).
+
+        `shape_grad_hook`, when given, transforms the gradient that flows back into the shape s(t), s'(t)
+        (and so into the shape parameters) at backward time; the loss uses it to turn the VLB gradient of
+        the shape into the gradient of the estimator's second moment (∂E[L²]/∂η = E[2L·∂L/∂η]).
+        """
+        g0, g1 = self.endpoints()
+        s, ds = self.shape(t)
+        if shape_grad_hook is not None:
+            for v in (s, ds):
+                if v.requires_grad:
+                    v.register_hook(shape_grad_hook)
+        return g0 + (g1 - g0) * s, (g1 - g0) * ds
+
+    def forward(self, t: Tensor | float) -> Tensor:
+        t = torch.as_tensor(t, dtype=self.dtype, device=self.device)
+        return self.gamma_and_derivative(t)[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._anchor.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._anchor.device
+
+
+class FixedLinearSchedule(Schedule):
+    """γ(t) = γ_min + (γ_max − γ_min)·t, nothing learned (official "fixed")."""
+
+    def __init__(self, gamma_min: float = -13.3, gamma_max: float = 5.0):
+        super().__init__()
+        if not gamma_max > gamma_min:
+            raise ValueError(f"gamma_max ({gamma_max}) must exceed gamma_min ({gamma_min})")
+        self.gamma_min, self.gamma_max = float(gamma_min), float(gamma_max)
+        # constants, not parameters: kept as Python floats (exact in float64); the buffer carries dtype/device
+        self.register_buffer("_anchor", torch.zeros(()), persistent=False)
+
+    def endpoints(self) -> tuple[Tensor, Tensor]:
+        kw = dict(dtype=self.dtype, device=self.device)
+        return torch.tensor(self.gamma_min, **kw), torch.tensor(self.gamma_max, **kw)
+
+
+class LearnedLinearSchedule(Schedule):
+    """γ(t) = b + |w|·t (official "learnable_scalar"), init b = γ_min, w = γ_max − γ_min."""
+
+    def __init__(self, gamma_min: float = -13.3, gamma_max: float = 5.0):
+        super().__init__()
+        self.b = nn.Parameter(torch.tensor([float(gamma_min)]))
+        self.w = nn.Parameter(torch.tensor([float(gamma_max - gamma_min)]))
+
+    @property
+    def _anchor(self) -> Tensor:
+        return self.b
+
+    def endpoints(self) -> tuple[Tensor, Tensor]:
+        return self.b[0], self.b[0] + self.w[0].abs()
+
+
+class MonotoneNetSchedule(Schedule):
+    """The paper's learned monotone network, with its endpoints as separate parameters.
+
+    The official network is g(t) = l1(t) + l3(φ(l2(2t − 1)))/n, φ(h) = 2·(sigmoid(h) − ½), every kernel
+    through abs() (biases free), l1: 1→1, l2: 1→n, l3: n→1 without bias, n = 1024. Here the shape is
+    s(t) = (g(t) − g(0))/(g(1) − g(0)) and γ(t) = γ₀ + (γ₁ − γ₀)·s(t), which equals g(t) exactly when
+    γ₀ = g(0) and γ₁ = g(1) (that is how official parameters are converted).
+    """
+
+    def __init__(self, gamma_min: float = -13.3, gamma_max: float = 5.0, n_features: int = 1024):
+        super().__init__()
+        self.n_features = n_features
+        self.gamma_0 = nn.Parameter(torch.tensor(float(gamma_min)))
+        self.gamma_1 = nn.Parameter(torch.tensor(float(gamma_max)))
+        # official init: l1 weight γ_max − γ_min, bias γ_min; l2 kernel N(0, 1), bias 0; l3 kernel N(0, 1).
+        self.l1_weight = nn.Parameter(torch.tensor(float(gamma_max - gamma_min)))
+        self.l1_bias = nn.Parameter(torch.tensor(float(gamma_min)))
+        self.l2_weight = nn.Parameter(torch.randn(n_features))
+        self.l2_bias = nn.Parameter(torch.zeros(n_features))
+        self.l3_weight = nn.Parameter(torch.randn(n_features))
+
+    @property
+    def _anchor(self) -> Tensor:
+        return self.gamma_0
+
+    def endpoints(self) -> tuple[Tensor, Tensor]:
+        return self.gamma_0, self.gamma_1
+
+    def shape_parameters(self) -> list[nn.Parameter]:
+        return [self.l1_weight, self.l1_bias, self.l2_weight, self.l2_bias, self.l3_weight]
+
+    def net(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """The official network g(t) and its derivative g'(t), elementwise over `t`."""
+        t_ = t.unsqueeze(-1)
+        w2, w3 = self.l2_weight.abs(), self.l3_weight.abs()
+        h = w2 * (2 * t_ - 1) + self.l2_bias
+        sig = torch.sigmoid(h)
+        phi = 2 * (sig - 0.5)
+        dphi = 2 * sig * (1 - sig)
+        w1 = self.l1_weight.abs()
+        g = w1 * t + self.l1_bias + (phi * w3).sum(-1) / self.n_features
+        dg = w1 + (dphi * w2 * w3).sum(-1) * (2.0 / self.n_features)
+        return g, dg
+
+    def shape(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        ends, _ = self.net(torch.tensor([0.0, 1.0], dtype=t.dtype, device=t.device))
+        span = (ends[1] - ends[0]).clamp_min(torch.finfo(t.dtype).tiny)
+        g, dg = self.net(t)
+        return (g - ends[0]) / span, dg / span
+
+
+def make_schedule(kind: str, gamma_min: float = -13.3, gamma_max: float = 5.0) -> Schedule:
+    """The schedule named `kind` (one of SCHEDULE_KINDS), initialised at the given endpoints."""
+    if kind == "fixed_linear":
+        return FixedLinearSchedule(gamma_min, gamma_max)
+    if kind == "learned_linear":
+        return LearnedLinearSchedule(gamma_min, gamma_max)
+    if kind == "learned_nnet":
+        return MonotoneNetSchedule(gamma_min, gamma_max)
+    raise ValueError(f"unknown schedule kind {kind!r}; expected one of {', '.join(SCHEDULE_KINDS)}")
+

@@ -1,0 +1,136 @@
+"""Our model reproduces the official implementation's own outputs (shared/fixtures/official_vdm) to 1e-5."""
+
+import numpy as np
+import pytest
+import torch
+
+import official_reference as ref
+from conftest import load_case
+from vdm import process
+from vdm.convert import ConversionError, from_official
+
+RTOL = 1e-5
+CASES = ["A", "B"]
+
+
+def nchw(a) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(a)).permute(0, 3, 1, 2).to(torch.float64)
+
+
+def nhwc(t: torch.Tensor) -> np.ndarray:
+    return t.detach().permute(0, 2, 3, 1).numpy()
+
+
+def assert_close(ours, theirs, what, rtol=RTOL):
+    ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
+    assert ours.shape == theirs.shape, what
+    # relative error: elementwise for scalars and per-example values, against the largest magnitude for images
+    scale = np.abs(theirs) if theirs.ndim <= 1 else np.abs(theirs).max()
+    err = np.max(np.abs(ours - theirs) / scale)
+    assert err <= rtol, f"{what}: relative error {err:.2e} > {rtol}"
+
+
+@pytest.fixture(params=CASES)
+def case(request):
+    params, inputs, outputs, meta = load_case(request.param)
+    model = from_official(params, meta["config"], image_size=meta["height"], dtype=torch.float64).eval()
+    return model, params, inputs, outputs, meta
+
+
+@torch.no_grad()
+def test_schedule_matches(case):
+    model, _, inputs, out, meta = case
+    assert_close(model.gamma(0.0), np.reshape(out["g_0"], ()), "g_0")
+    assert_close(model.gamma(1.0), np.reshape(out["g_1"], ()), "g_1")
+    loss = model.loss(torch.from_numpy(inputs["x"]).permute(0, 3, 1, 2), t=torch.from_numpy(inputs["t"]).double(),
+                      eps=nchw(inputs["eps"]), eps_0=nchw(inputs["eps_0"]))
+    assert_close(loss["t"], out["t_used"], "t_used")
+    assert_close(model.gamma(loss["t"]), out["g_t"], "g_t")
+    T = meta["config"]["sm_n_timesteps"]
+    if T:
+        assert_close(model.gamma(loss["t"] - 1 / T), out["g_s"], "g_s")
+    else:
+        _, dg = model.gamma.gamma_and_derivative(loss["t"])
+        assert_close(dg, out["dg_t"], "dg_t")
+
+
+@torch.no_grad()
+def test_loss_terms_and_network_match(case):
+    model, _, inputs, out, _ = case
+    x = torch.from_numpy(inputs["x"]).permute(0, 3, 1, 2)
+    loss = model.loss(x, t=torch.from_numpy(inputs["t"]).double(), eps=nchw(inputs["eps"]),
+                      eps_0=nchw(inputs["eps_0"]), conditioning=torch.from_numpy(inputs["conditioning"]).double())
+    assert_close(loss["recon"], out["loss_recon"], "loss_recon")
+    assert_close(loss["prior"], out["loss_klz"], "loss_klz")
+    assert_close(loss["diff"], out["loss_diff"], "loss_diff")
+    assert_close(loss["bpd"], out["bpd"], "bpd")
+    g_t = torch.from_numpy(out["g_t"])
+    z_t = process.sample_z_t(model.encode(x), g_t[:, None, None, None], nchw(inputs["eps"]))
+    assert_close(nhwc(z_t), out["z_t"], "z_t")
+    assert_close(nhwc(model.eps_hat(z_t, g_t)), out["eps_hat"], "eps_hat")
+
+
+@torch.no_grad()
+def test_sampling_step_and_decoder_match(case):
+    model, _, inputs, out, _ = case
+    z_s = model.sample_step(nchw(inputs["sample_z_t"]), int(inputs["sample_i"]), int(inputs["sample_T"]),
+                            nchw(inputs["sample_eps"]))
+    assert_close(nhwc(z_s), out["sample_z_s"], "sample_z_s")
+    x = nhwc(model.decode(nchw(inputs["generate_z_0"])))
+    np.testing.assert_array_equal(x, out["generate_x"])
+
+
+@torch.no_grad()
+def test_float32_model_close_to_official(case):
+    _, params, inputs, out, meta = case
+    model = from_official(params, meta["config"]).eval()
+    loss = model.loss(torch.from_numpy(inputs["x"]).permute(0, 3, 1, 2), t=torch.from_numpy(inputs["t"]),
+                      eps=nchw(inputs["eps"]).float(), eps_0=nchw(inputs["eps_0"]).float())
+    np.testing.assert_allclose(loss["bpd"].numpy(), out["bpd"], rtol=1e-5)
+
+
+def test_numpy_reference_matches_fixtures(case):
+    """The independent reference used below agrees with the official outputs too."""
+    _, params, inputs, out, meta = case
+    cfg = meta["config"]
+    assert_close(ref.gamma(params, cfg, out["t_used"]), out["g_t"], "reference g_t")
+    assert_close(ref.score_net(params, cfg, out["z_t"], out["g_t"]), out["eps_hat"], "reference eps_hat")
+
+
+OTHER_CONFIGS = [
+    dict(gamma_type="learnable_nnet", sm_n_layer=1, sm_n_embd=32, with_attention=False, with_fourier_features=True),
+    dict(gamma_type="learnable_scalar", sm_n_layer=3, sm_n_embd=64, with_attention=True, with_fourier_features=False),
+    dict(gamma_type="fixed", sm_n_layer=0, sm_n_embd=32, with_attention=True, with_fourier_features=True),
+]
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("overrides", OTHER_CONFIGS, ids=lambda o: f"{o['gamma_type']}-L{o['sm_n_layer']}")
+@torch.no_grad()
+def test_any_official_config_converts(overrides, channels):
+    cfg = dict(vocab_size=256, gamma_min=-13.3, gamma_max=5.0, sm_n_timesteps=0, sm_pdrop=0.1, **overrides)
+    rng = np.random.default_rng(0)
+    params = ref.random_official_params(cfg, channels, rng)
+    model = from_official(params, cfg, image_size=6, dtype=torch.float64).eval()
+    t = np.array([0.0, 0.13, 0.5, 0.97, 1.0])
+    assert_close(model.gamma(torch.from_numpy(t)), ref.gamma(params, cfg, t), "gamma")
+    z = rng.normal(size=(2, 6, 6, channels))
+    g = ref.gamma(params, cfg, np.array([0.2, 0.8]))
+    assert_close(nhwc(model.eps_hat(nchw(z), torch.from_numpy(g))), ref.score_net(params, cfg, z, g), "eps_hat")
+
+
+def test_conversion_errors_name_the_problem():
+    cfg = dict(gamma_type="fixed", gamma_min=-13.3, gamma_max=5.0, sm_n_embd=32, sm_n_layer=1, with_attention=False)
+    params = ref.random_official_params(cfg, 3, np.random.default_rng(0))
+    bad = dict(params)
+    del bad["params/score_model/up.block_1/conv1/bias"]
+    with pytest.raises(ConversionError, match="up.block_1/conv1/bias"):
+        from_official(bad, cfg)
+    bad = dict(params, **{"params/score_model/extra/kernel": np.zeros(3)})
+    with pytest.raises(ConversionError, match="extra/kernel"):
+        from_official(bad, cfg)
+    bad = dict(params, **{"params/score_model/conv_in/kernel": np.zeros((3, 3, 14, 32), np.float32)})
+    with pytest.raises(ConversionError, match="conv_in/kernel"):
+        from_official(bad, cfg)
+    with pytest.raises(ConversionError, match="gamma_type"):
+        from_official(params, dict(cfg, gamma_type="cosine"))
