@@ -1,0 +1,5 @@
+import sys
+
+from vdm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,117 @@
+"""Model files: weights in safetensors with the config as JSON metadata. Never pickle.
+
+A *model file* is one `.safetensors` file whose metadata holds {"format": "vdm-model", "version": "1",
+"config": <VDMConfig as JSON>}. A *checkpoint* is a directory holding `ema.safetensors` and/or
+`model.safetensors` (model files) plus training state. A *run* is a directory with `checkpoints/`.
+`load_model` accepts any of the three.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+
+from vdm.model import VDM, VDMConfig
+
+FORMAT = "vdm-model"
+VERSION = "1"
+
+
+class CheckpointError(ValueError):
+    """A model file or checkpoint that cannot be used; the message names the path and the problem."""
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call `write(tmp_path)` then rename the result onto `path` (readers never see a partial file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_model(model: VDM, path: str | os.PathLike, state_dict: dict | None = None) -> None:
+    """Write `model` (or the given `state_dict` with model's config, e.g. EMA weights) as one model file."""
+    sd = state_dict if state_dict is not None else model.state_dict()
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+    meta = {"format": FORMAT, "version": VERSION, "config": json.dumps(model.config.to_dict())}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def read_config(path: str | os.PathLike) -> VDMConfig:
+    """The VDMConfig stored in a model file."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a vdm model file (metadata format {meta.get('format')!r})")
+    if meta.get("version") != VERSION:
+        raise CheckpointError(f"{path}: model file version {meta.get('version')!r}, this vdm reads {VERSION!r}")
+    try:
+        return VDMConfig.from_dict(json.loads(meta["config"]))
+    except (KeyError, json.JSONDecodeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: bad model config in metadata ({e})") from None
+
+
+def load_model_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> VDM:
+    """A VDM from one model file (config from its metadata, weights checked strictly)."""
+    config = read_config(path)
+    model = VDM(config)
+    try:
+        sd = load_file(str(path), device=str(map_location))
+        model.load_state_dict(sd, strict=True)
+    except (SafetensorError, RuntimeError, OSError) as e:
+        raise CheckpointError(f"{path}: weights do not fit the stored config ({e})") from None
+    return model.to(map_location)
+
+
+def resolve_model_path(path: str | os.PathLike, prefer_ema: bool = True) -> Path:
+    """The model file meant by `path`: a model file, a checkpoint directory or a run directory.
+
+    In a checkpoint directory, `ema.safetensors` is preferred (unless `prefer_ema` is False), then
+    `model.safetensors`. In a run directory, the checkpoint named in `checkpoints/best` is used if present,
+    otherwise the newest `checkpoints/step_*`.
+    """
+    p = Path(path)
+    if p.is_file():
+        return p
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file or directory")
+    names = ["ema.safetensors", "model.safetensors"] if prefer_ema else ["model.safetensors", "ema.safetensors"]
+    for name in names:
+        if (p / name).is_file():
+            return p / name
+    ckdir = p / "checkpoints"
+    if ckdir.is_dir():
+        best = ckdir / "best"
+        if best.is_file():
+            target = ckdir / best.read_text().strip()
+            if target.is_dir():
+                return resolve_model_path(target, prefer_ema)
+        steps = sorted(d for d in ckdir.glob("step_*") if d.is_dir())
+        if steps:
+            return resolve_model_path(steps[-1], prefer_ema)
+    raise CheckpointError(f"{p}: holds no model file, checkpoint or run (looked for {', '.join(names)}, checkpoints/)")
+
+
+def load_model(path: str | os.PathLike, *, prefer_ema: bool = True, map_location="cpu") -> VDM:
+    """Load a VDM from a model file, checkpoint directory or run directory (see `resolve_model_path`)."""
+    return load_model_file(resolve_model_path(path, prefer_ema), map_location)
