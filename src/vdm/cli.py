@@ -8,6 +8,7 @@ import sys
 
 # Each module defines `register(subparsers)`, adding its subcommand(s) with `set_defaults(func=...)`.
 COMMAND_MODULES = [
+    "vdm.commands",  # eval, sample, plot
 ]
 
 

@@ -1,0 +1,187 @@
+"""Test-set likelihood: the negative VLB of a trained VDM in bits per dimension, with its standard error.
+
+For every image the loss is averaged over K (time, noise) draws; the reported bits per dimension is the mean
+of these per-image estimates and its standard error is taken over images (the spread between images plus the
+Monte-Carlo noise left after K draws). The noise of image i depends only on (seed, i), so the result does not
+depend on the batch size or on which other images are evaluated with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from vdm import losses, process
+from vdm.losses import bits_per_dim
+from vdm.model import VDM
+
+COMPONENTS = ("prior", "recon", "diff")
+
+
+def image_noise(seed: int, index: int, shape: tuple[int, ...], time_samples: int
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """The draws used for image `index`: times t (K,), ε (K, *shape) and ε₀ (K, *shape), float32 on the CPU.
+
+    A generator seeded from (seed, index) gives u ~ U(0, 1), then ε₀ and ε; the K times are stratified,
+    t_k = (u + k/K) mod 1 (each one uniform on [0, 1), together covering [0, 1) evenly).
+    """
+    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, dtype=np.uint32)
+    g = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    u = torch.rand((), generator=g)
+    t = torch.remainder(u + torch.arange(time_samples) / time_samples, 1.0)
+    eps_0 = torch.randn((time_samples, *shape), generator=g)
+    eps = torch.randn((time_samples, *shape), generator=g)
+    return t, eps, eps_0
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: VDM, steps: int) -> Iterator[VDM]:
+    """Within the block: `model` in eval mode (no dropout) with `config.timesteps = steps`; restored after."""
+    config, was_training = model.config, model.training
+    model.config = dataclasses.replace(config, timesteps=int(steps))
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.config = config
+        model.train(was_training)
+
+
+@torch.no_grad()
+def image_losses(model: VDM, data: np.ndarray | Tensor, *, steps: int = 0, time_samples: int = 1,
+                 batch_size: int = 64, seed: int = 0, progress: bool = True, bf16: bool = False) -> np.ndarray:
+    """Per-image loss terms in bits per dimension, each the mean over `time_samples` draws: (N, 3) float64.
+
+    Columns are prior, reconstruction and diffusion (`COMPONENTS`); their row sum is the image's negative VLB
+    in bits per dimension. `steps` = 0 uses the continuous-time diffusion loss, `steps` = T > 0 the T-step
+    discrete-time loss. `data` holds integer images (N, C, H, W). `batch_size` counts network evaluations
+    (image × draw) per forward pass.
+    """
+    if steps < 0 or time_samples < 1 or batch_size < 1:
+        raise ValueError("steps must be ≥ 0, time_samples and batch_size ≥ 1")
+    data = torch.as_tensor(np.asarray(data)) if not isinstance(data, Tensor) else data
+    if data.dim() != 4:
+        raise ValueError(f"data must be (N, C, H, W) integer images, got shape {tuple(data.shape)}")
+    N, K = data.shape[0], time_samples
+    out = np.zeros((N, len(COMPONENTS)), dtype=np.float64)
+    per_pass = max(1, batch_size // K)  # images per chunk; a chunk's N·K rows are split into batches
+    bar = _progress(N, progress)
+    device_type = model.device.type
+    with evaluation_mode(model, steps), torch.autocast(device_type, torch.bfloat16, enabled=bf16):
+        for start in range(0, N, per_pass):
+            idx = range(start, min(start + per_pass, N))
+            draws = [image_noise(seed, i, tuple(data.shape[1:]), K) for i in idx]
+            t = torch.cat([d[0] for d in draws])
+            eps = torch.cat([d[1] for d in draws])
+            eps_0 = torch.cat([d[2] for d in draws])
+            x = data[start:start + len(idx)].repeat_interleave(K, dim=0)
+            terms = _loss_terms(model, x, t, eps, eps_0, batch_size)  # (len(idx)·K, 3) nats
+            bpd = bits_per_dim(terms, model.num_dims(x)).view(len(idx), K, -1).mean(1)
+            out[start:start + len(idx)] = bpd.double().numpy()
+            bar.update(len(idx))
+    bar.close()
+    return out
+
+
+def _loss_terms(model: VDM, x: Tensor, t: Tensor, eps: Tensor, eps_0: Tensor, batch_size: int) -> Tensor:
+    """model.loss on rows of (x, t, ε, ε₀) in batches of `batch_size`: (rows, 3) float64 nats on the CPU."""
+    dev = model.device
+    rows = []
+    for b in range(0, x.shape[0], batch_size):
+        sl = slice(b, b + batch_size)
+        out = model.loss(x[sl].to(dev), t[sl].to(dev), eps[sl].to(dev), eps_0[sl].to(dev))
+        rows.append(torch.stack([out[c].double() for c in COMPONENTS], dim=1).cpu())
+    return torch.cat(rows)
+
+
+@torch.no_grad()
+def diffusion_integrand(model: VDM, data: np.ndarray | Tensor, times: Sequence[float], *, seed: int = 0,
+                        batch_size: int = 64, progress: bool = False) -> np.ndarray:
+    """The continuous-time diffusion-loss integrand ½·γ'(t)·E‖ε − ε̂(z_t; t)‖²/D at each of `times`, in bits
+    per dimension per unit time, averaged over the images `data` (N, C, H, W): shape (len(times),).
+
+    Its integral over t ∈ [0, 1] is the mean diffusion loss in bits per dimension (paper, eq. 17), so on the
+    midpoint grid t_k = (k + ½)/P the mean of the values estimates it. One ε per image, the same at every t
+    (common random numbers: the curve's wiggles are the model's, not the noise's). Eval mode, no gradients.
+    """
+    data = torch.as_tensor(np.asarray(data)) if not isinstance(data, Tensor) else data
+    g = torch.Generator().manual_seed(int(seed))
+    eps_all = torch.randn(data.shape, generator=g)
+    D = model.num_dims(data)
+    out = np.zeros(len(times), dtype=np.float64)
+    bar = _progress(len(times) * data.shape[0], progress, "integrand")
+    with evaluation_mode(model, 0):
+        for k, t in enumerate(times):
+            total = 0.0
+            for b in range(0, data.shape[0], batch_size):
+                x = data[b:b + batch_size].to(model.device)
+                eps = eps_all[b:b + batch_size].to(device=model.device, dtype=model.dtype)
+                t_b = torch.full((x.shape[0],), float(t), device=model.device, dtype=model.dtype)
+                gamma_t, dgamma_t = model.gamma.gamma_and_derivative(t_b)
+                z_t = process.sample_z_t(model.encode(x), gamma_t[:, None, None, None], eps)
+                diff = losses.diffusion_loss_continuous(dgamma_t, eps, model.eps_hat(z_t, gamma_t))
+                total += float(losses.bits_per_dim(diff.double(), D).sum())
+                bar.update(x.shape[0])
+            out[k] = total / data.shape[0]
+    bar.close()
+    return out
+
+
+def summarise(terms: np.ndarray, *, steps: int = 0, time_samples: int = 1) -> dict:
+    """Mean bits per dimension over images, its standard error, and the mean of each term.
+
+    `terms` is (N, 3) per-image prior, reconstruction and diffusion losses in bits per dimension.
+    The standard error is sd(per-image totals, ddof = 1)/√N (NaN for a single image).
+    """
+    terms = np.asarray(terms, dtype=np.float64)
+    total = terms.sum(1)
+    n = total.shape[0]
+    if n == 0:
+        raise ValueError("no images to evaluate")
+    sem = float(total.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    result = {"bpd": float(total.mean()), "bpd_sem": sem}
+    result.update({c: float(terms[:, j].mean()) for j, c in enumerate(COMPONENTS)})
+    result.update({"count": int(n), "steps": int(steps), "time_samples": int(time_samples)})
+    return result
+
+
+def evaluate(model: VDM, data: np.ndarray | Tensor, *, steps: int = 0, time_samples: int = 1,
+             batch_size: int = 64, seed: int = 0, progress: bool = True, bf16: bool = False) -> dict:
+    """The test-set negative VLB of `model` on integer images `data` (N, C, H, W), in bits per dimension.
+
+    Returns {"bpd", "bpd_sem" (standard error over images), "prior", "recon", "diff" (mean terms, bits per
+    dimension), "count" (N), "steps" (0 = continuous time, else T), "time_samples" (K)}. Runs in eval mode
+    without gradients; the model is left as it was. Deterministic for a given `seed`.
+    """
+    terms = image_losses(model, data, steps=steps, time_samples=time_samples, batch_size=batch_size,
+                         seed=seed, progress=progress, bf16=bf16)
+    return summarise(terms, steps=steps, time_samples=time_samples)
+
+
+def format_result(r: dict) -> str:
+    """One line: 'test bpd 4.123 ± 0.012 (prior …, recon …, diff …) on N images, continuous time'."""
+    when = "continuous time" if r["steps"] == 0 else f"T = {r['steps']} steps"
+    sem = "n/a" if math.isnan(r["bpd_sem"]) else f"{r['bpd_sem']:.3f}"
+    return (f"test bpd {r['bpd']:.3f} ± {sem} (prior {r['prior']:.4f}, recon {r['recon']:.4f}, "
+            f"diff {r['diff']:.4f}) on {r['count']} images, {when}, {r['time_samples']} time sample(s) each")
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool, desc: str = "evaluating"):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, unit="img")
