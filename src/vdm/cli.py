@@ -9,6 +9,8 @@ import sys
 # Each module defines `register(subparsers)`, adding its subcommand(s) with `set_defaults(func=...)`.
 COMMAND_MODULES = [
     "vdm.commands",  # eval, sample, plot
+    "vdm.train.cli",  # train
+    "vdm.codec.cli",  # compress, decompress
 ]
 
 

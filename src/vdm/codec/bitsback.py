@@ -1,0 +1,235 @@
+"""Bits-back ANS coding of integer images through the T-step VDM latent chain, in the Bit-Swap order.
+
+Encoding one *stage* (a batch of image pieces that walk the chain together), on the ANS stack `coder`:
+
+    pop z_0 ~ q(z_0|x);  push x ~ p(x|z_0);
+    for i = 1..T:  pop z_{t_i} ~ q(z_{t_i}|z_{s_i});  push z_{s_i} ~ p(z_{s_i}|z_{t_i});
+    push z_1 ~ N(0, I).
+
+Decoding runs the same steps backwards with push and pop swapped. Each latent z_{t_i} is an integer index on
+its grid δ_i (see `chain.py`); each Gaussian is coded as `constriction`'s QuantizedGaussian over a bounded
+window of ±⌈8·std⌉ bins around the rounded mean. Values a model puts outside its window (possible only for
+p, never for q, whose draws come from the window) are escaped: the window's edge symbol, then the excess as
+two 16-bit uniform symbols. The decoder p(x|z_0) is the categorical of `losses.decoder_logits`, restricted to
+the values that q(z_0|x) can reach (the rest carries < 1e-14 of its mass).
+
+The expected net code length of a stage is its negative ELBO with quantised latents, in bits.
+The encoder and the decoder must compute bit-identical distributions: they share every formula here
+(`_q_*`, `_p_*` helpers), the network runs in float32 on the same batch layout, and means are rounded to
+2^−16 of a bin before they reach the coder.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import constriction
+import numpy as np
+
+from vdm.codec.chain import Chain
+
+SUPPORT_STDS = 8.0  # half-width of every Gaussian window, in standard deviations
+MEAN_QUANTUM = 2.0 ** -16  # means (in bins) are rounded to this before coding
+ESCAPE_BITS = 16  # the excess of an escaped value is sent as two uniform symbols of this many bits
+
+_model = constriction.stream.model
+EpsFn = Callable[[list[np.ndarray], int], list[np.ndarray]]
+
+
+class CorruptStreamError(ValueError):
+    """The ANS payload does not decode to a valid chain (a value outside its model's support)."""
+
+
+class _Gaussians:
+    """QuantizedGaussian models over [−R, R], one per window half-width R (constructed once each)."""
+
+    def __init__(self):
+        self._cache: dict[int, object] = {}
+        self.uniform = _model.Uniform(2 ** ESCAPE_BITS)
+
+    def __call__(self, R: int):
+        if R not in self._cache:
+            self._cache[R] = _model.QuantizedGaussian(-R, R)
+        return self._cache[R]
+
+
+def _window(std_bins: float) -> int:
+    return max(2, int(math.ceil(SUPPORT_STDS * std_bins)))
+
+
+def _split_mean(mean_bins: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(integer centre, offset in [−½, ½] rounded to MEAN_QUANTUM) of means given in bins."""
+    center = np.rint(mean_bins)
+    offset = np.round((mean_bins - center) / MEAN_QUANTUM) * MEAN_QUANTUM
+    return center.astype(np.int64), offset
+
+
+def push_gaussian(coder, models: _Gaussians, idx: np.ndarray, mean_bins: np.ndarray, std_bins: float,
+                  escape: bool) -> None:
+    """Push integer grid indices `idx` under N(mean_bins, std_bins²) quantised to unit bins.
+
+    With `escape`, values beyond the window are allowed (edge symbol + excess); without, they are an error.
+    """
+    R = _window(std_bins)
+    center, offset = _split_mean(mean_bins)
+    sym = idx - center
+    outside = np.abs(sym) >= R if escape else np.abs(sym) > R
+    if outside.any():
+        if not escape:
+            raise CorruptStreamError("a latent lies outside the support of q: the stream is corrupt")
+        excess = np.abs(sym[outside]) - R
+        if excess.max() >= 2 ** (2 * ESCAPE_BITS):
+            raise ValueError("a latent lies absurdly far from its model's mean; cannot code it")
+        mask = 2 ** ESCAPE_BITS - 1
+        words = np.stack([excess & mask, excess >> ESCAPE_BITS], axis=1).ravel().astype(np.int32)
+        coder.encode_reverse(words, models.uniform)
+        sym = np.clip(sym, -R, R)
+    stds = np.full(len(sym), std_bins)
+    coder.encode_reverse(sym.astype(np.int32), models(R), offset, stds)
+
+
+def pop_gaussian(coder, models: _Gaussians, mean_bins: np.ndarray, std_bins: float, escape: bool) -> np.ndarray:
+    """Pop integer grid indices drawn from N(mean_bins, std_bins²) quantised to unit bins (inverse of push)."""
+    R = _window(std_bins)
+    center, offset = _split_mean(mean_bins)
+    stds = np.full(len(center), std_bins)
+    sym = coder.decode(models(R), offset, stds).astype(np.int64)
+    if escape:
+        edge = np.abs(sym) == R
+        if edge.any():
+            words = coder.decode(models.uniform, 2 * int(edge.sum())).astype(np.int64)
+            excess = words[0::2] | (words[1::2] << ESCAPE_BITS)
+            sym[edge] = np.sign(sym[edge]) * (R + excess)
+    return center + sym
+
+
+# --- the distributions, shared by encoder and decoder ------------------------------------------------------
+def _q0_mean(chain: Chain, f: np.ndarray) -> tuple[np.ndarray, float]:
+    """q(z_0|x) = N(α_0 f, σ_0²) in bins of δ_0: (mean, std)."""
+    return chain.alpha[0] * f / chain.delta[0], chain.sigma[0] / chain.delta[0]
+
+
+def _q_step(chain: Chain, i: int, zs_idx: np.ndarray) -> tuple[np.ndarray, float]:
+    """q(z_{t_i}|z_{s_i}) in bins of δ_i: (mean, std)."""
+    zs = zs_idx * chain.delta[i - 1]
+    return chain.q_scale[i] * zs / chain.delta[i], chain.q_std[i] / chain.delta[i]
+
+
+def _p_step(chain: Chain, i: int, zt_idx: np.ndarray, eps: np.ndarray) -> tuple[np.ndarray, float]:
+    """p(z_{s_i}|z_{t_i}) in bins of δ_{i−1}: (mean, std), with ε̂ the network's prediction (float64)."""
+    zt = zt_idx * chain.delta[i]
+    mean = chain.p_zscale[i] * zt - chain.p_escale[i] * eps
+    return mean / chain.delta[i - 1], chain.p_std[i] / chain.delta[i - 1]
+
+
+def _prior(chain: Chain, n: int) -> tuple[np.ndarray, float]:
+    """N(0, 1) for z_1 in bins of δ_T."""
+    return np.zeros(n), 1.0 / chain.delta[chain.T]
+
+
+def _decoder_window(chain: Chain, z0_idx: np.ndarray, vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """p(x|z_0) restricted to the values q(z_0|x) can reach: (first value lo (n,), probabilities (n, W)).
+
+    log p(x = k | z_0) ∝ −½((z_0/α_0 − f_k)·exp(−γ_0/2))², f_k = 2(k + ½)/V − 1 (losses.decoder_logits).
+    """
+    g0 = chain.gamma[0]
+    u = z0_idx * chain.delta[0] / chain.alpha[0]  # z_0/α_0, in f units
+    sd_k = math.exp(0.5 * g0) * vocab / 2  # std of p(x|z_0) in pixel values
+    half = int(math.ceil(SUPPORT_STDS * (sd_k + chain.delta[0] / chain.alpha[0] * vocab / 2))) + 2
+    W = min(vocab, 2 * half + 1)
+    center = np.rint((u + 1) * vocab / 2 - 0.5).astype(np.int64)
+    lo = np.clip(center - half, 0, vocab - W)
+    k = lo[:, None] + np.arange(W)[None, :]
+    f_k = 2 * (k + 0.5) / vocab - 1
+    logits = -0.5 * np.square((u[:, None] - f_k) * math.exp(-0.5 * g0))
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return lo, probs
+
+
+def _push_x(coder, chain: Chain, x: np.ndarray, z0_idx: np.ndarray, vocab: int) -> None:
+    lo, probs = _decoder_window(chain, z0_idx, vocab)
+    sym = x - lo
+    if (sym < 0).any() or (sym >= probs.shape[1]).any():
+        raise AssertionError("a pixel lies outside the decoder window (cannot happen for z_0 drawn from q)")
+    coder.encode_reverse(sym.astype(np.int32), _model.Categorical(perfect=False), probs)
+
+
+def _pop_x(coder, chain: Chain, z0_idx: np.ndarray, vocab: int) -> np.ndarray:
+    lo, probs = _decoder_window(chain, z0_idx, vocab)
+    return lo + coder.decode(_model.Categorical(perfect=False), probs).astype(np.int64)
+
+
+# --- stages ------------------------------------------------------------------------------------------------
+def _flatten(groups: Sequence[np.ndarray]) -> np.ndarray:
+    return np.concatenate([g.reshape(-1) for g in groups]).astype(np.int64)
+
+
+def _unflatten(flat: np.ndarray, shapes: Sequence[tuple[int, ...]]) -> list[np.ndarray]:
+    out, pos = [], 0
+    for shape in shapes:
+        n = math.prod(shape)
+        out.append(flat[pos:pos + n].reshape(shape))
+        pos += n
+    return out
+
+
+def _eps(eps_fn: EpsFn, chain: Chain, i: int, zt_idx: np.ndarray, shapes) -> np.ndarray:
+    zt = zt_idx * chain.delta[i]
+    return _flatten_f(eps_fn(_unflatten(zt, shapes), i))
+
+
+def _flatten_f(groups: Sequence[np.ndarray]) -> np.ndarray:
+    return np.concatenate([g.reshape(-1) for g in groups]).astype(np.float64)
+
+
+def encode_stage(coder, chain: Chain, eps_fn: EpsFn, groups: Sequence[np.ndarray], vocab: int = 256) -> None:
+    """Push the integer images `groups` (each (n, C, h, w)) onto `coder` by bits-back through the chain.
+
+    `eps_fn(z_groups, i)` returns ε̂(z_{t_i}; γ(t_i)) for latents shaped like `groups` (float64 arrays).
+    """
+    models = _Gaussians()
+    shapes = [g.shape for g in groups]
+    x = _flatten(groups)
+    f = 2 * (x + 0.5) / vocab - 1
+    mean, std = _q0_mean(chain, f)
+    z = pop_gaussian(coder, models, mean, std, escape=False)
+    _push_x(coder, chain, x, z, vocab)
+    for i in range(1, chain.T + 1):
+        mean, std = _q_step(chain, i, z)
+        zt = pop_gaussian(coder, models, mean, std, escape=False)
+        mean, std = _p_step(chain, i, zt, _eps(eps_fn, chain, i, zt, shapes))
+        push_gaussian(coder, models, z, mean, std, escape=True)
+        z = zt
+    mean, std = _prior(chain, len(z))
+    push_gaussian(coder, models, z, mean, std, escape=True)
+
+
+def decode_stage(coder, chain: Chain, eps_fn: EpsFn, shapes: Sequence[tuple[int, ...]],
+                 vocab: int = 256) -> list[np.ndarray]:
+    """Inverse of `encode_stage`: pop images of the given shapes (int64 arrays) off `coder`."""
+    models = _Gaussians()
+    n = sum(math.prod(s) for s in shapes)
+    mean, std = _prior(chain, n)
+    z = pop_gaussian(coder, models, mean, std, escape=True)
+    for i in range(chain.T, 0, -1):
+        mean, std = _p_step(chain, i, z, _eps(eps_fn, chain, i, z, shapes))
+        zs = pop_gaussian(coder, models, mean, std, escape=True)
+        mean, std = _q_step(chain, i, zs)
+        push_gaussian(coder, models, z, mean, std, escape=False)
+        z = zs
+    x = _pop_x(coder, chain, z, vocab)
+    if (x < 0).any() or (x >= vocab).any():
+        raise CorruptStreamError("decoded pixel values out of range: the stream is corrupt")
+    f = 2 * (x + 0.5) / vocab - 1
+    mean, std = _q0_mean(chain, f)
+    push_gaussian(coder, models, z, mean, std, escape=False)
+    return _unflatten(x, shapes)
+
+
+def deficit_bits_per_dim(chain: Chain) -> float:
+    """Estimated peak number of bits a stage borrows from the stack per dimension: two latent pops in flight,
+    each ≈ log2(√(2πe)·std/δ) bits (used to size stages and the initial bits; not needed for correctness)."""
+    ratios = [chain.sigma[0] / chain.delta[0]] + [chain.q_std[i] / chain.delta[i] for i in range(1, chain.T + 1)]
+    h = [math.log2(math.sqrt(2 * math.pi * math.e) * r) for r in ratios]
+    return max(h[i] + h[i + 1] for i in range(len(h) - 1))

@@ -1,0 +1,114 @@
+"""`vdm compress` and `vdm decompress`: lossless image compression with bits-back coding (thin CLI layer)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from vdm.checkpoint import atomic_write
+
+DEFAULTS_NOTE = ("The defaults (T = 20 steps, 2^-4 σ grid, 32-pixel tiles, 8-pixel warm-up tiles) were chosen "
+                 "from measurements of rate against speed; see bench/compress.py.")
+
+
+def register(subparsers) -> None:
+    from vdm.codec.container import CodingParams
+    d = CodingParams()
+    p = subparsers.add_parser(
+        "compress", help="losslessly compress images into one .vdmc file (bits-back coding with a VDM)",
+        description="Compress PNG (or other lossless Pillow formats), uint8 .npy or .npz images into one .vdmc "
+                    "file with bits-back ANS coding through the model's T-step latent chain. Prints the rate in "
+                    "bits per sub-pixel, headers and initial bits included. " + DEFAULTS_NOTE)
+    p.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files (.png, .npy, .npz, ...)")
+    p.add_argument("-o", "--output", required=True, help="the .vdmc file to write")
+    _model_args(p)
+    p.add_argument("--steps", type=int, default=d.steps, help=f"T, discrete steps of the chain (default {d.steps})")
+    p.add_argument("--grid-bits", type=int, default=d.grid_bits,
+                   help=f"latents are quantised to σ_t·2^-k; this is k (default {d.grid_bits})")
+    p.add_argument("--tile", type=int, default=d.tile, help=f"tile side in pixels, 0 = whole images (default {d.tile})")
+    p.add_argument("--warmup", type=int, default=d.warmup,
+                   help=f"side of the tiles the first tile is split into, to need fewer initial bits (default {d.warmup})")
+    p.add_argument("--batch", type=int, default=d.batch, help=f"tiles per network call (default {d.batch})")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads; recorded in the file and reused to decode (default: torch's)")
+    p.set_defaults(func=compress_command)
+
+    q = subparsers.add_parser(
+        "decompress", help="decompress a .vdmc file into images",
+        description="Decode a .vdmc file with the model that made it (checked by fingerprint) and write its "
+                    "images into a directory: arrays as .npy/.npz, everything else as PNG. Damaged files and "
+                    "files made with another model are refused. Decoding must run on the same kind of device "
+                    "and software as encoding (see vdm.codec.compressor).")
+    q.add_argument("input", metavar="FILE", help="the .vdmc file")
+    q.add_argument("-o", "--output", required=True, help="directory to write the images into")
+    _model_args(q)
+    q.set_defaults(func=decompress_command)
+
+
+def _model_args(p) -> None:
+    p.add_argument("--model", default=None, metavar="RUN_OR_CHECKPOINT",
+                   help="model file, checkpoint or run directory (default: the packaged pretrained model)")
+    p.add_argument("--device", default="cpu", help="torch device for the network (default cpu)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def _load(args):
+    if args.model is None:
+        from vdm.pretrained import load_default_model
+        return load_default_model(map_location=args.device)
+    from vdm.checkpoint import load_model
+    return load_model(args.model, map_location=args.device)
+
+
+def _errors():
+    from vdm.checkpoint import CheckpointError
+    from vdm.codec.compressor import ModelMismatchError
+    from vdm.codec.container import CodecFormatError
+    from vdm.codec.images import ImageReadError
+    return (CheckpointError, ModelMismatchError, CodecFormatError, ImageReadError, OSError, ValueError)
+
+
+def _fail(cmd: str, e: Exception) -> int:
+    print(f"vdm {cmd}: error: {e}", file=sys.stderr)
+    return 1
+
+
+def compress_command(args) -> int:
+    import torch
+    from vdm.codec.compressor import compress_images
+    from vdm.codec.container import CodingParams
+    from vdm.codec.images import read_images
+    try:
+        params = CodingParams(args.steps, args.grid_bits, args.tile, args.warmup, args.batch,
+                              args.threads or torch.get_num_threads())
+        items = [item for path in args.inputs for item in read_images(path)]
+        model = _load(args)
+        t0 = time.perf_counter()
+        data = compress_images([a for _, a in items], model, params, [n for n, _ in items], progress=not args.quiet)
+        seconds = time.perf_counter() - t0
+        atomic_write(args.output, lambda tmp: Path(tmp).write_bytes(data))
+    except _errors() as e:
+        return _fail("compress", e)
+    subpixels = sum(a.size for _, a in items)
+    pixels = sum(a.shape[0] * a.shape[1] for _, a in items)
+    print(f"{len(items)} image(s), {subpixels} sub-pixels -> {len(data)} bytes: "
+          f"{8 * len(data) / subpixels:.4f} bits per sub-pixel ({pixels / seconds:.0f} pixels/s)")
+    return 0
+
+
+def decompress_command(args) -> int:
+    from vdm.codec.compressor import decompress_images, read_header
+    from vdm.codec.images import write_images
+    try:
+        data = Path(args.input).read_bytes()
+        read_header(data)  # refuse a damaged file before loading any model
+        model = _load(args)
+        images = decompress_images(data, model, progress=not args.quiet)
+        paths = write_images([(im.name, im.pixels) for im in images], args.output)
+    except _errors() as e:
+        return _fail("decompress", e)
+    print(f"{len(images)} image(s) written to {args.output}: " + ", ".join(p.name for p in paths[:8])
+          + (" ..." if len(paths) > 8 else ""))
+    return 0

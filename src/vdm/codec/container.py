@@ -1,0 +1,190 @@
+"""The `.vdmc` file format: header, ANS payload, checksum. Parsing rejects bad input with `CodecFormatError`.
+
+Layout (integers are unsigned LEB128 varints unless a size is given; multi-byte fixed fields little-endian):
+
+    magic        4 bytes  b"VDMC"
+    version      1 byte   (1)
+    fingerprint 16 bytes  first 16 bytes of the model's SHA-256 fingerprint (`fingerprint.py`)
+    steps, grid_bits, tile, warmup, batch, threads, seed_words   7 varints (the coding parameters)
+    n_images     varint, then per image: mode (1 byte: 0 grey H×W, 1 grey H×W×1, 2 RGB H×W×3),
+                 height, width (varints), name length (varint) + UTF-8 name
+    n_stages     varint, then units per stage (varints)
+    payload      the whole final ANS stack, uint32 words little-endian (the rest of the file)
+    crc32        4 bytes  CRC-32 of every byte before it
+
+Every bit of the file counts towards the reported rate.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+MAGIC = b"VDMC"
+VERSION = 1
+FINGERPRINT_BYTES = 16
+MODES = {0: (1, 2), 1: (1, 3), 2: (3, 3)}  # mode → (channels, array dimensions)
+MAX_SIDE = 1 << 16  # largest height or width accepted from a file
+MAX_PIXELS = 1 << 28  # largest total number of pixels accepted from a file
+MAX_NAME = 4096
+
+
+class CodecFormatError(ValueError):
+    """A compressed file that is not a valid `.vdmc` file (truncated, corrupted or of another format)."""
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """Shape and mode of one coded image, and its name (may be empty)."""
+
+    mode: int
+    height: int
+    width: int
+    name: str = ""
+
+    @property
+    def channels(self) -> int:
+        return MODES[self.mode][0]
+
+
+@dataclass(frozen=True)
+class CodingParams:
+    """The parameters of bits-back coding; stored in the file and needed unchanged to decode it."""
+
+    steps: int = 20  # T, the number of discrete steps of the latent chain
+    grid_bits: int = 4  # k: latent z_t is quantised to a grid of width σ_t·2^−k
+    tile: int = 32  # tile side in pixels; 0 codes every image plane whole
+    warmup: int = 8  # side of the tiles the first tile is cut into (fewer initial bits); 0 for none
+    batch: int = 32  # units per network call (changing it can change float results, so it is recorded)
+    threads: int = 1  # torch CPU threads of the network evaluations (recorded for the same reason)
+
+    def __post_init__(self):
+        for name in ("steps", "batch", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.grid_bits <= 12:
+            raise ValueError(f"grid_bits must lie in 0..12, got {self.grid_bits}")
+        if self.tile < 0 or self.warmup < 0:
+            raise ValueError("tile and warmup must be non-negative")
+
+
+@dataclass
+class Container:
+    """The decoded contents of a `.vdmc` file."""
+
+    fingerprint: bytes
+    params: CodingParams
+    seed_words: int
+    images: list[ImageInfo]
+    stages: list[int]
+    payload: np.ndarray = field(repr=False)  # uint32 words
+
+
+def _varint(n: int) -> bytes:
+    if n < 0:
+        raise ValueError("varints are unsigned")
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+class _Reader:
+    def __init__(self, data: bytes, end: int):
+        self.data, self.pos, self.end = data, 0, end
+
+    def take(self, n: int) -> bytes:
+        if self.pos + n > self.end:
+            raise CodecFormatError("the file ends inside its header (truncated)")
+        b = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return b
+
+    def varint(self, limit: int = 1 << 40) -> int:
+        n, shift = 0, 0
+        while True:
+            b = self.take(1)[0]
+            n |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                break
+            if shift > 42:
+                raise CodecFormatError("malformed header (overlong number)")
+        if n > limit:
+            raise CodecFormatError(f"malformed header (value {n} exceeds {limit})")
+        return n
+
+
+def pack(c: Container) -> bytes:
+    """The bytes of a `.vdmc` file."""
+    p = c.params
+    out = bytearray(MAGIC)
+    out.append(VERSION)
+    if len(c.fingerprint) != FINGERPRINT_BYTES:
+        raise ValueError("fingerprint must be 16 bytes")
+    out += c.fingerprint
+    for v in (p.steps, p.grid_bits, p.tile, p.warmup, p.batch, p.threads, c.seed_words):
+        out += _varint(v)
+    out += _varint(len(c.images))
+    for im in c.images:
+        name = im.name.encode("utf-8")[:MAX_NAME]
+        out.append(im.mode)
+        out += _varint(im.height) + _varint(im.width) + _varint(len(name)) + name
+    out += _varint(len(c.stages))
+    for s in c.stages:
+        out += _varint(s)
+    out += np.asarray(c.payload, dtype="<u4").tobytes()
+    out += struct.pack("<I", zlib.crc32(bytes(out)))
+    return bytes(out)
+
+
+def unpack(data: bytes) -> Container:
+    """Parse and check a `.vdmc` file; raises `CodecFormatError` saying what is wrong."""
+    if data[:4] != MAGIC[:len(data)] or not data:
+        raise CodecFormatError("not a vdm compressed file (bad magic bytes)")
+    if len(data) < 4 + 1 + FINGERPRINT_BYTES + 4:
+        raise CodecFormatError(f"the file is truncated ({len(data)} bytes)")
+    (crc,) = struct.unpack("<I", data[-4:])
+    if zlib.crc32(data[:-4]) != crc:
+        raise CodecFormatError("checksum mismatch: the file is truncated or corrupted")
+    r = _Reader(data, len(data) - 4)
+    r.take(4)
+    version = r.take(1)[0]
+    if version != VERSION:
+        raise CodecFormatError(f"format version {version}; this vdm reads version {VERSION}")
+    fingerprint = r.take(FINGERPRINT_BYTES)
+    vals = [r.varint(1 << 20) for _ in range(7)]
+    try:
+        params = CodingParams(*vals[:6])
+    except ValueError as e:
+        raise CodecFormatError(f"bad coding parameters ({e})") from None
+    images, pixels = [], 0
+    for _ in range(r.varint(1 << 20)):
+        mode = r.take(1)[0]
+        if mode not in MODES:
+            raise CodecFormatError(f"unknown image mode {mode}")
+        h, w = r.varint(MAX_SIDE), r.varint(MAX_SIDE)
+        if h < 1 or w < 1:
+            raise CodecFormatError("an image has zero size")
+        pixels += h * w * MODES[mode][0]
+        if pixels > MAX_PIXELS:
+            raise CodecFormatError("the images are implausibly large")
+        try:
+            name = r.take(r.varint(MAX_NAME)).decode("utf-8")
+        except UnicodeDecodeError:
+            raise CodecFormatError("an image name is not UTF-8") from None
+        images.append(ImageInfo(mode, h, w, name))
+    stages = [r.varint(MAX_PIXELS) for _ in range(r.varint(MAX_PIXELS))]
+    rest = r.end - r.pos
+    if rest % 4 or rest == 0:
+        raise CodecFormatError("the payload is not a whole number of 32-bit words")
+    payload = np.frombuffer(data[r.pos:r.end], dtype="<u4").astype(np.uint32)
+    if payload[-1] == 0:
+        raise CodecFormatError("malformed payload (ends in a zero word)")
+    return Container(fingerprint, params, vals[6], images, stages, payload)
