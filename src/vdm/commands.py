@@ -64,14 +64,14 @@ def run_dir_of(target: str | Path) -> Path | None:
     return None
 
 
-def run_config(run: Path | None) -> dict:
-    """The resolved config saved in a run directory (config.json, else the first *.json holding a dict)."""
-    if run is None:
-        return {}
-    candidates = [run / "config.json"] + sorted(q for q in run.glob("*.json") if q.name != "config.json")
-    for q in candidates:
+def run_config(target: str | Path) -> dict:
+    """The resolved training config saved as config.json in the checkpoint directory of `target` or in its
+    run directory (the nearest one wins); {} when there is none or it is not a JSON object."""
+    p = Path(target).resolve()
+    d = p if p.is_dir() else p.parent
+    for folder in (d, d.parent, d.parent.parent):
         try:
-            cfg = json.loads(q.read_text(encoding="utf-8"))
+            cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             continue
         if isinstance(cfg, dict):
@@ -96,7 +96,7 @@ def load_images(args, model, *, limit: int | None = None):
     """The images to evaluate on: (array, dataset name), sized for `model`."""
     from vdm.data import DatasetError, load_dataset
 
-    cfg_name, cfg_root = data_defaults(run_config(run_dir_of(args.target)))
+    cfg_name, cfg_root = data_defaults(run_config(args.target))
     name = args.data or cfg_name or "photos"
     root = args.data_root if args.data_root is not None else (cfg_root if name == cfg_name else None)
     kw = {} if name in NATIVE_SIZE_DATASETS else {"image_size": model.config.image_size}

@@ -1,0 +1,146 @@
+"""`vdm.sampling` and `vdm sample`: agreement with `VDM.sample`, exactness on a known data distribution, files."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vdm
+from vdm import process
+from vdm.checkpoint import save_model
+from vdm.cli import main
+from vdm.sampling import (ancestral_sample, ancestral_sample_times, load_npz, make_grid, prior_latent,
+                          sample_images, save_grid_png, save_npz, uniform_times)
+
+
+def tiny_model(**kw) -> vdm.VDM:
+    torch.manual_seed(0)
+    return vdm.VDM(n_embd=32, n_layer=1, image_size=8, **kw)
+
+
+def test_same_seed_same_images_as_model_sample():
+    model = tiny_model(dropout=0.3)
+    model.train()
+    ours = sample_images(model, 3, 7, seed=11)
+    theirs = model.sample(3, 7, torch.Generator().manual_seed(11))
+    assert ours.dtype == torch.uint8 and ours.shape == (3, 3, 8, 8)
+    assert torch.equal(ours, theirs)
+    assert torch.equal(ours, sample_images(model, 3, 7, seed=11))
+    assert not torch.equal(ours, sample_images(model, 3, 7, seed=12))
+    assert model.training  # restored
+
+
+def test_ancestral_sample_is_the_model_step_loop():
+    model = tiny_model()
+    g = torch.Generator().manual_seed(4)
+    z_1 = prior_latent(model, 2, generator=g, image_size=(8, 12))
+    x = ancestral_sample(model, z_1, 5, generator=torch.Generator().manual_seed(9))
+    g2, z = torch.Generator().manual_seed(9), z_1.clone()
+    with torch.no_grad():
+        for i in range(5):
+            z = model.sample_step(z, i, 5, torch.randn(z.shape, generator=g2))
+        assert torch.equal(x, model.decode(z).to(torch.uint8))
+    assert x.shape == (2, 3, 8, 12)
+
+
+class PointMass(vdm.VDM):
+    """A VDM whose ε̂ is the exact posterior mean of ε when the data is one image x*: ε̂ = (z_t − α_t f*)/σ_t."""
+
+    def set_target(self, x_star: torch.Tensor) -> None:
+        self.f_star = self.encode(x_star)
+
+    def eps_hat(self, z_t, gamma_t, conditioning=None):
+        alpha, sigma = process.alpha_sigma(gamma_t.reshape(-1, 1, 1, 1))
+        return (z_t - alpha * self.f_star) / sigma
+
+
+def test_exact_denoiser_samples_the_data_point():
+    """With the ideal ε̂ for a point mass, p(z_s|z_t) = q(z_s|z_t, x*): z_0 ~ q(z_0|x*), which at γ(0) = −16
+    (σ_0/α_0 = e⁻⁸, 1/23 of half a pixel step) decodes to x* exactly, for any time grid."""
+    model = PointMass(n_embd=32, n_layer=1, image_size=8, gamma_type="fixed_linear", gamma_min=-16.0)
+    x_star = torch.randint(0, 256, (1, 3, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    model.set_target(x_star)
+    z_1 = prior_latent(model, 4, generator=torch.Generator().manual_seed(1))
+    for times in (uniform_times(10), [1.0, 0.9, 0.5, 0.2, 0.01, 0.0]):
+        x = ancestral_sample_times(model, z_1, times, generator=torch.Generator().manual_seed(2))
+        assert torch.equal(x, x_star.expand(4, -1, -1, -1))
+
+
+def test_time_grid_checked():
+    model = tiny_model()
+    z = prior_latent(model, 1)
+    for bad in ([1.0], [0.0, 1.0], [1.0, 0.5, 0.5, 0.0]):
+        with pytest.raises(ValueError):
+            ancestral_sample_times(model, z, bad)
+    with pytest.raises(ValueError):
+        uniform_times(0)
+    assert uniform_times(4) == [1.0, 0.75, 0.5, 0.25, 0.0]
+
+
+# --- files ------------------------------------------------------------------------------------------------
+def test_grid_layout():
+    imgs = np.arange(5 * 3 * 2 * 3, dtype=np.uint8).reshape(5, 3, 2, 3)
+    grid = make_grid(imgs, nrow=2, padding=1)  # 3 rows of 2: (3·3 + 1) × (2·4 + 1)
+    assert grid.shape == (10, 9, 3)
+    np.testing.assert_array_equal(grid[1:3, 5:8], imgs[1].transpose(1, 2, 0))  # row 0, column 1
+    np.testing.assert_array_equal(grid[7:9, 1:4], imgs[4].transpose(1, 2, 0))  # row 2, column 0
+    assert grid[0].max() == 0 and grid[7:9, 5:8].max() == 0  # frame and the empty slot stay black
+
+
+def test_png_and_npz_round_trip(tmp_path):
+    grey = np.random.default_rng(0).integers(0, 256, (4, 1, 5, 6), dtype=np.uint8)
+    save_grid_png(grey, tmp_path / "g.png", nrow=4, padding=0)
+    with Image.open(tmp_path / "g.png") as im:
+        assert im.mode == "L" and im.size == (24, 5)
+        np.testing.assert_array_equal(np.asarray(im)[:, 6:12], grey[1, 0])
+    save_npz(grey, tmp_path / "g.npz")
+    np.testing.assert_array_equal(load_npz(tmp_path / "g.npz"), grey)
+    (tmp_path / "bad.npz").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="bad.npz"):
+        load_npz(tmp_path / "bad.npz")
+    with pytest.raises(ValueError):
+        save_npz(np.full((1, 3, 2, 2), 300), tmp_path / "x.npz")
+
+
+# --- the command ------------------------------------------------------------------------------------------
+@pytest.fixture
+def model_file(tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_model(tiny_model(), path)
+    return path
+
+
+def run_sample(model_file, out, seed, *extra):
+    args = ["sample", str(model_file), "-n", "5", "--steps", "4", "--seed", str(seed), "--out", str(out),
+            "--device", "cpu", *extra]
+    assert main(args) == 0
+    return load_npz(out.with_suffix(".npz"))
+
+
+def test_cli_sample_writes_grid_and_npz(tmp_path, model_file):
+    a = run_sample(model_file, tmp_path / "a.png", 1)
+    assert a.dtype == np.uint8 and a.shape == (5, 3, 8, 8)
+    with Image.open(tmp_path / "a.png") as im:  # ⌈√5⌉ = 3 a row, 2 rows, 2-pixel padding
+        assert im.mode == "RGB" and im.size == (3 * 10 + 2, 2 * 10 + 2)
+        np.testing.assert_array_equal(np.asarray(im)[2:10, 12:20], a[1].transpose(1, 2, 0))
+    np.testing.assert_array_equal(a, run_sample(model_file, tmp_path / "b.png", 1))
+    assert not np.array_equal(a, run_sample(model_file, tmp_path / "c.png", 2))
+    model = vdm.checkpoint.load_model(model_file)
+    np.testing.assert_array_equal(a, model.sample(5, 4, torch.Generator().manual_seed(1)).numpy())
+
+
+def test_cli_sample_image_size_and_nrow(tmp_path, model_file):
+    a = run_sample(model_file, tmp_path / "a.png", 0, "--image-size", "12", "--nrow", "5")
+    assert a.shape == (5, 3, 12, 12)
+    with Image.open(tmp_path / "a.png") as im:
+        assert im.size == (5 * 14 + 2, 14 + 2)
+
+
+def test_cli_sample_errors(tmp_path, model_file, capsys):
+    assert main(["sample", str(tmp_path / "none"), "--out", str(tmp_path / "x.png")]) == 2
+    assert main(["sample", str(model_file), "--out", str(tmp_path / "x.jpg")]) == 2
+    err = capsys.readouterr().err
+    assert "none: no such file" in err and ".png" in err and "Traceback" not in err
+    assert not (tmp_path / "x.png").exists()
