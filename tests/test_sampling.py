@@ -1,6 +1,5 @@
 """`vdm.sampling` and `vdm sample`: agreement with `VDM.sample`, exactness on a known data distribution, files."""
 
-import math
 
 import numpy as np
 import pytest

@@ -8,6 +8,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from vdm.checkpoint import CheckpointError, load_model, resolve_model_path
@@ -106,8 +107,8 @@ def load_images(args, model, *, limit: int | None = None):
         raise CommandError(f"dataset {name!r} ({args.split}): {e}") from None
     if x.shape[1] != model.config.channels:
         raise CommandError(f"dataset {name!r} has {x.shape[1]} channels, the model {model.config.channels}")
-    if limit is not None:
-        x = x[:limit]
+    if limit is not None and limit < len(x):  # spread evenly over the split (tiles of one photo are adjacent)
+        x = x[np.linspace(0, len(x) - 1, limit).round().astype(np.int64)]
     if len(x) == 0:
         raise CommandError(f"dataset {name!r} ({args.split}) holds no images")
     return x, name
@@ -135,7 +136,7 @@ def _register_eval(sub) -> None:
     p.add_argument("--time-samples", type=int, default=1, metavar="K",
                    help="(time, noise) draws per image, stratified in t (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64, help="network batch (default: %(default)s)")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="use only the first N images")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="use N images spread evenly over the split")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (faster, less exact)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the text line")
@@ -150,7 +151,7 @@ def cmd_eval(args) -> int:
     model = _load(args.target, args.device)
     x, name = load_images(args, model, limit=args.limit)
     r = evaluate(model, x, steps=args.steps, time_samples=args.time_samples, batch_size=args.batch_size,
-                 seed=args.seed, progress=not args.json, bf16=args.bf16)
+                 seed=args.seed, progress=True, bf16=args.bf16)
     if args.json:
         out = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
         out.update(data=name, split=args.split, seed=args.seed,
@@ -209,7 +210,8 @@ def _register_plot(sub) -> None:
     _add_common(p)
     _add_data(p)
     p.add_argument("--out", default=None, help="output folder (default: RUN/plots)")
-    p.add_argument("--images", type=int, default=8, help="test images for the integrand (default: %(default)s)")
+    p.add_argument("--images", type=int, default=8,
+                   help="test images for the integrand, spread over the split (default: %(default)s)")
     p.add_argument("--points", type=int, default=32, help="times t for the integrand (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
     p.set_defaults(func=_guarded(cmd_plot))

@@ -75,7 +75,7 @@ def plot_training_curve(records: list[dict], path: str | os.PathLike) -> Path:
     """Train bits per dimension ("bpd") and, where logged, test bpd ("test_bpd") against the step."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key, label, style in (("bpd", "train", "-"), ("test_bpd", "test", "o-")):
+    for key, label, style in (("bpd", "train", ".-"), ("test_bpd", "test", "o-")):
         x, y = series(records, key)
         if len(x):
             ax.plot(x, y, style, label=label, markersize=3)
