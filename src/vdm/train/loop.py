@@ -1,0 +1,355 @@
+"""The training loop: `train(config, out_dir)` minimises the negative VLB (bits per dimension) with AdamW.
+
+Each optimiser step s uses global batch s of the deterministic data order and noise drawn from (seed, s)
+(see `vdm.train.batches`), and reseeds dropout from (seed, rank, s); a resumed run therefore repeats exactly
+what an uninterrupted run would have done. Under torchrun each process takes its slice of the global batch
+and DistributedDataParallel averages the gradients; rank 0 alone writes checkpoints, metrics and the bar.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from vdm.config import TrainConfig
+from vdm.losses import bits_per_dim
+from vdm.model import VDM
+from vdm.train import distributed, state
+from vdm.train.batches import BatchOrder, dropout_seed, init_seed, step_noise
+from vdm.train.ema import EMA
+from vdm.train.log import MetricsLog, truncate_metrics
+from vdm.train.optim import lr_at, make_optimizer, set_lr
+from vdm.train.testset import TestSubset, fixed_subset
+
+# run.* fields that may differ when a run is resumed (they do not change what a step computes)
+RESUMABLE_RUN_FIELDS = {"max_steps", "log_every", "eval_every", "eval_batch_size", "checkpoint_every",
+                        "keep_last", "max_nonfinite", "device", "progress", "tensorboard", "throttle_s",
+                        "inject_nonfinite", "compile"}
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot start or go on; the message says why and what to do."""
+
+
+class NonFiniteLossError(TrainingError):
+    """Too many consecutive non-finite losses; the last good checkpoint is left as it was."""
+
+
+class LossModule(nn.Module):
+    """The per-example loss terms as a module's forward, so DistributedDataParallel and torch.compile see
+    the whole computation: forward(x, t, eps, eps_0) → (B, 3) nats (prior, recon, diff)."""
+
+    def __init__(self, model: VDM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor, t: Tensor, eps: Tensor, eps_0: Tensor) -> Tensor:
+        out = self.model.loss(x, t=t, eps=eps, eps_0=eps_0)
+        return torch.stack([out["prior"], out["recon"], out["diff"]], dim=1)
+
+
+@dataclass
+class Counters:
+    """What a checkpoint records besides the tensors (all saved in state.json)."""
+
+    images_seen: int = 0  # training images processed (all processes)
+    nonfinite_total: int = 0  # steps skipped because the loss or the gradient was not finite
+    nonfinite_consecutive: int = 0  # the current run of such steps
+    best_test_bpd: float | None = None  # lowest test bpd at a checkpoint so far
+    best_checkpoint: str | None = None  # its checkpoint's name
+    elapsed_s: float = 0.0  # training wall-clock time over all sessions
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Window:
+    """Sums over the steps since the last metrics line."""
+
+    terms: Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.float64))
+    grad_norm: float = 0.0
+    good: int = 0
+    skipped: int = 0
+    images: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+
+def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, max_steps: int | None = None,
+          max_minutes: float | None = None) -> dict:
+    """Train a VDM as `config` says, writing checkpoints and metrics under `out_dir`.
+
+    `resume` continues from the newest checkpoint in `out_dir` (a fresh start when there is none);
+    `max_steps` (total optimiser steps, counting from 0) overrides `config.run.max_steps`; `max_minutes`
+    ends the run after that much wall-clock time of this session, with a checkpoint. Returns a summary:
+    {"step", "checkpoint", "test_bpd", "best_checkpoint", "nonfinite_total", "stopped"}.
+    """
+    d = distributed.setup(config.run.device)
+    try:
+        return _Trainer(config, Path(out_dir), d, resume).run(
+            config.run.max_steps if max_steps is None else max_steps, max_minutes)
+    finally:
+        distributed.teardown(d)
+
+
+class _Trainer:
+    def __init__(self, config: TrainConfig, out_dir: Path, d: distributed.Dist, resume: bool):
+        self.config, self.out_dir, self.d = config, out_dir, d
+        run = config.run
+        if run.batch_size % d.world_size:
+            raise TrainingError(f"run.batch_size={run.batch_size} must be divisible by the number of "
+                                f"processes ({d.world_size})")
+        self.local_batch = run.batch_size // d.world_size
+        ckpt = self._checkpoint_to_resume(resume)
+        self.train_x, test_x = _load_data(config, d.device)
+        self.order = BatchOrder(len(self.train_x), run.batch_size, run.seed)
+        torch.manual_seed(init_seed(run.seed))
+        self.model = VDM(config.model).to(d.device)
+        self.ema = EMA(self.model, run.ema_decay, run.ema_warmup)
+        self.optimizer = make_optimizer(self.model, config.optim)
+        self.counters, self.step = Counters(), 0
+        if ckpt is not None:
+            self._restore(ckpt)
+        self.forward = self._wrap(LossModule(self.model))
+        self.test = None
+        if d.is_main and len(test_x):
+            self.test = TestSubset(test_x, run.seed, config.model.antithetic, run.eval_batch_size)
+            self.eval_model = VDM(config.model).to(d.device)
+        self.log = None
+        if d.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "config.json").write_text(config.to_json(), encoding="utf-8")
+            truncate_metrics(out_dir, self.step) if ckpt is not None else (out_dir / "metrics.jsonl").unlink(
+                missing_ok=True)
+            self.log = MetricsLog(out_dir, run.tensorboard)
+
+    # --- setting up -------------------------------------------------------------------------------------------
+    def _checkpoint_to_resume(self, resume: bool) -> Path | None:
+        existing = state.list_checkpoints(self.out_dir)
+        if not resume:
+            if existing:
+                raise TrainingError(f"{self.out_dir} already holds checkpoints ({existing[-1].name}); "
+                                    "use --resume to continue it or choose another --out")
+            return None
+        if not existing:
+            return None
+        ckpt = existing[-1]
+        saved = state.read_state(ckpt)["config"]
+        _check_same_run(saved, self.config.to_dict(), ckpt)
+        return ckpt
+
+    def _restore(self, ckpt: Path) -> None:
+        st = state.load_checkpoint(ckpt, self.model, self.ema, self.optimizer)
+        self.step = st["step"]
+        known = Counters().__dict__
+        self.counters = Counters(**{k: st[k] for k in known if k in st})
+        if self.d.is_main:
+            print(f"resuming from {ckpt} (step {self.step})", flush=True)
+
+    def _wrap(self, module: nn.Module) -> nn.Module:
+        if self.d.enabled:
+            ids = [self.d.device.index] if self.d.device.type == "cuda" else None
+            module = nn.parallel.DistributedDataParallel(module, device_ids=ids)
+        if self.config.run.compile:
+            module = torch.compile(module)
+        return module
+
+    # --- the loop ---------------------------------------------------------------------------------------------
+    def run(self, max_steps: int, max_minutes: float | None) -> dict:
+        run, d = self.config.run, self.d
+        session_start = time.perf_counter()
+        bar = self._progress_bar(max_steps)
+        window, stopped, last_ckpt = Window(), "max_steps", None
+        try:
+            while self.step < max_steps:
+                self._one_step(window)
+                self.step += 1
+                if run.throttle_s:
+                    time.sleep(run.throttle_s)
+                if bar is not None:
+                    bar.update(1)
+                if self.step % run.log_every == 0 or self.step == max_steps:
+                    self._log_window(window, bar)
+                    window = Window()
+                out_of_time = max_minutes is not None and time.perf_counter() - session_start > 60 * max_minutes
+                if distributed.broadcast_flag(d, out_of_time):
+                    stopped = "max_minutes"
+                    break
+                if self.step % run.checkpoint_every == 0 and self.step < max_steps:
+                    last_ckpt = self._checkpoint()
+                elif run.eval_every and self.step % run.eval_every == 0:
+                    self._evaluate()
+        finally:
+            if bar is not None:
+                bar.close()
+        if window.good or window.skipped:
+            self._log_window(window, None)
+        last_ckpt = self._checkpoint() if (last_ckpt is None or last_ckpt.name != state.checkpoint_name(
+            self.step)) else last_ckpt
+        if self.log is not None:
+            self.log.close()
+        c = self.counters
+        return {"step": self.step, "checkpoint": str(last_ckpt) if last_ckpt else None,
+                "test_bpd": self._last_test, "best_checkpoint": c.best_checkpoint,
+                "nonfinite_total": c.nonfinite_total, "stopped": stopped}
+
+    _last_test: float | None = None
+
+    def _progress_bar(self, max_steps: int):
+        if not (self.d.is_main and self.config.run.progress):
+            return None
+        from tqdm.auto import tqdm
+        return tqdm(total=max_steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True)
+
+    def _batch(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """This process's slice of global batch `self.step`: (x, t, ε₀, ε) on the device."""
+        run, d, B = self.config.run, self.d, self.local_batch
+        rows = slice(d.rank * B, (d.rank + 1) * B)
+        idx = self.order.indices(self.step)[rows]
+        x = self.train_x[idx.to(self.train_x.device)].to(d.device, non_blocking=True)
+        t, eps_0, eps = step_noise(run.seed, self.step, run.batch_size, tuple(x.shape[1:]),
+                                   self.config.model.antithetic, d.device)
+        return x, t[rows], eps_0[rows], eps[rows]
+
+    def _one_step(self, window: Window) -> None:
+        """Optimiser step `self.step`, or a skipped one when the loss or the gradient is not finite."""
+        run, d = self.config.run, self.d
+        x, t, eps_0, eps = self._batch()
+        torch.manual_seed(dropout_seed(run.seed, d.rank, self.step))
+        autocast = (torch.autocast(d.device.type, dtype=torch.bfloat16) if run.bf16
+                    else contextlib.nullcontext())
+        with autocast:
+            nats = self.forward(x, t, eps, eps_0)  # (B, 3)
+        terms = bits_per_dim(nats.float(), self.model.num_dims(x)).mean(0)  # (3,) bpd
+        loss = terms.sum()
+        if self.step in run.inject_nonfinite:
+            loss = loss * float("nan")
+        mean_terms = distributed.all_mean(d, torch.cat([terms.detach(), loss.detach()[None]]))
+        grad_norm = math.nan
+        if torch.isfinite(mean_terms).all():
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            clip = self.config.optim.grad_clip
+            grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf))
+        window.images += run.batch_size
+        self.counters.images_seen += run.batch_size
+        if math.isfinite(grad_norm):
+            set_lr(self.optimizer, lr_at(self.config.optim, self.step))
+            self.optimizer.step()
+            self.ema.update(self.model, self.step)
+            self.counters.nonfinite_consecutive = 0
+            window.terms += mean_terms[:3].double().cpu()
+            window.grad_norm += grad_norm
+            window.good += 1
+        else:
+            self._skip(window)
+
+    def _skip(self, window: Window) -> None:
+        c = self.counters
+        c.nonfinite_total += 1
+        c.nonfinite_consecutive += 1
+        window.skipped += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        limit = self.config.run.max_nonfinite
+        if c.nonfinite_consecutive >= limit:
+            good = state.list_checkpoints(self.out_dir)
+            where = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was written yet"
+            if self.log is not None:
+                self.log.write({"step": self.step + 1, "nonfinite_total": c.nonfinite_total,
+                                "stopped": "nonfinite"})
+                self.log.close()
+            raise NonFiniteLossError(
+                f"{c.nonfinite_consecutive} consecutive non-finite losses (limit run.max_nonfinite={limit}) "
+                f"at step {self.step}; stopped without saving; {where}. Try a lower optim.lr, "
+                "optim.grad_clip, or run.bf16=false, then resume.")
+
+    # --- logging, evaluation, checkpoints -----------------------------------------------------------------------
+    def _log_window(self, w: Window, bar) -> None:
+        seconds = time.perf_counter() - w.start
+        self.counters.elapsed_s += seconds
+        if self.log is None:
+            return
+        n = max(w.good, 1)
+        prior, recon, diff = (w.terms / n).tolist()
+        rec = {"step": self.step, "bpd": prior + recon + diff if w.good else None, "prior": prior,
+               "recon": recon, "diff": diff, "lr": lr_at(self.config.optim, self.step - 1),
+               "grad_norm": w.grad_norm / n, "images_per_s": w.images / max(seconds, 1e-9),
+               "epoch": self.order.epoch(self.step), "nonfinite_total": self.counters.nonfinite_total,
+               "skipped": w.skipped}
+        self.log.write(rec)
+        if bar is not None and w.good:
+            bar.set_postfix(bpd=f"{rec['bpd']:.3f}", img_s=f"{rec['images_per_s']:.0f}", refresh=False)
+
+    def _evaluate(self) -> dict | None:
+        if self.test is None:
+            return None
+        self.eval_model.load_state_dict(self.ema.state_dict())
+        result = self.test.evaluate(self.eval_model, self.config.run.bf16)
+        self._last_test = result["test_bpd"]
+        self.log.write({"step": self.step, **result})
+        return result
+
+    def _checkpoint(self) -> Path | None:
+        """Evaluate, write checkpoint `self.step` (rank 0), update `best`, prune; all ranks wait for it."""
+        path = None
+        if self.d.is_main:
+            result = self._evaluate()
+            c = self.counters
+            name = state.checkpoint_name(self.step)
+            better = result is not None and (c.best_test_bpd is None or result["test_bpd"] < c.best_test_bpd)
+            if better:
+                c.best_test_bpd, c.best_checkpoint = result["test_bpd"], name
+            path = state.save_checkpoint(self.out_dir, self.step, self.model, self.ema, self.optimizer,
+                                         c.to_dict(), self.config)
+            if better or state.read_best(self.out_dir) is None:
+                state.write_best(self.out_dir, c.best_checkpoint or name)
+            state.prune(self.out_dir, self.config.run.keep_last)
+        distributed.barrier(self.d)
+        return path if self.d.is_main else Path(self.out_dir) / "checkpoints" / state.checkpoint_name(self.step)
+
+
+def _check_same_run(saved: dict, current: dict, ckpt: Path) -> None:
+    """Refuse to resume with settings that change what a step computes (model, optimiser, data, seed, batch)."""
+    diffs = []
+    for section in ("model", "optim", "data", "run"):
+        a, b = saved.get(section, {}), current.get(section, {})
+        for key in sorted(set(a) | set(b)):
+            if section == "run" and key in RESUMABLE_RUN_FIELDS:
+                continue
+            if a.get(key) != b.get(key):
+                diffs.append(f"{section}.{key}: checkpoint {a.get(key)!r}, now {b.get(key)!r}")
+    if diffs:
+        raise TrainingError(f"cannot resume from {ckpt}: the config differs ({'; '.join(diffs)}). Resume "
+                            "without --preset/--config to use the run's own config.json.")
+
+
+def _load_data(config: TrainConfig, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(training images, fixed test subset) as uint8 tensors; the training set on `device` when small."""
+    from vdm.data import DatasetError, load_dataset
+
+    m, data = config.model, config.data
+    kw = {"image_size": m.image_size, "channels": m.channels}
+    try:
+        train_x = load_dataset(data.name, "train", root=data.root, **kw)
+        test_x = (load_dataset(data.name, data.test_split, root=data.root, **kw) if data.test_images > 0
+                  else np.zeros((0, m.channels, m.image_size, m.image_size), np.uint8))
+    except (DatasetError, ValueError, OSError) as e:
+        raise TrainingError(f"dataset {data.name!r}: {e}") from None
+    for split, x in (("train", train_x), (data.test_split, test_x)):
+        if len(x) and x.shape[1] != m.channels:
+            raise TrainingError(f"dataset {data.name!r} ({split}) has {x.shape[1]} channels; "
+                                f"model.channels is {m.channels}")
+    if len(train_x) == 0:
+        raise TrainingError(f"dataset {data.name!r} has no training images")
+    test_x = test_x[fixed_subset(len(test_x), data.test_images)]
+    train_t = torch.from_numpy(train_x)
+    if device.type == "cuda" and train_x.nbytes < 2**31:
+        train_t = train_t.to(device)
+    return train_t, torch.from_numpy(np.ascontiguousarray(test_x))
