@@ -131,10 +131,12 @@ class VDM(nn.Module):
             eps = torch.randn(f.shape, generator=generator, device=f.device, dtype=f.dtype)
         eps = eps.to(f.dtype)
 
-        scale: dict[str, Tensor] = {}
+        # 2·L_diff per example, filled in below and read by the hook at backward time (a tensor written in
+        # place rather than a dict entry, so that torch.compile can trace the hook without a graph break)
         hook = None
         if self.config.variance_minimisation and T == 0 and torch.is_grad_enabled():
-            hook = lambda grad: grad * scale["2L"]  # noqa: E731  (read at backward time)
+            scale = torch.empty(B, device=f.device, dtype=f.dtype)
+            hook = lambda grad: grad * scale  # noqa: E731
         if T > 0:
             t = losses.discretise_time(t, T)
         gamma_t, dgamma_t = self.gamma.gamma_and_derivative(t, shape_grad_hook=hook)
@@ -145,7 +147,8 @@ class VDM(nn.Module):
             diff = losses.diffusion_loss_discrete(gamma_s, gamma_t, T, eps, eps_hat)
         else:
             diff = losses.diffusion_loss_continuous(dgamma_t, eps, eps_hat)
-        scale["2L"] = 2 * diff.detach()
+        if hook is not None:
+            scale.copy_(2 * diff.detach())
 
         total = prior + recon + diff
         return {"prior": prior, "recon": recon, "diff": diff,

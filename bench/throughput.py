@@ -1,0 +1,268 @@
+"""Throughput of VDM training and evaluation, next to the matrix-multiply peak of the same machine.
+
+For each network preset, pass, precision and mode it prints images per second and the achieved FLOP/s, beside
+the FLOP/s of a large square matrix multiply timed at the same precision in the same run, right before the row
+(so that both see the same load from other processes on a shared machine). The ratio `fraction_of_peak` is
+the figure to quote.
+
+- pass "train": one optimiser step = model.loss forward, backward of the mean negative VLB, AdamW step.
+- pass "eval":  model.loss forward under torch.no_grad() (dropout off).
+- precision "fp32" or "bf16" (torch.autocast with bfloat16; parameters and optimiser state stay fp32).
+- mode "eager" or "compile" (torch.compile of the score network: the cheap schedule and loss maths stay eager).
+
+FLOPs are the model's matrix-multiply and convolution FLOPs (2 per multiply-add), counted once per preset with
+torch.utils.flop_counter.FlopCounterMode on the meta device (backward included for "train", about 3x the forward);
+element-wise work (GroupNorm, swish, the decoder's softmax) is not counted. Times are medians over iterations.
+
+    python bench/throughput.py --quick                      # about a minute on 2 cores
+    python bench/throughput.py --networks cifar10 --batch 8 --precisions fp32 bf16 --modes eager compile
+    python bench/throughput.py --quick --json               # one JSON object on stdout
+    python bench/throughput.py --device cuda --batch 128    # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from vdm import VDM
+
+PRESETS = {
+    "cifar10": dict(n_embd=128, n_layer=32, image_size=32, dropout=0.1, gamma_type="learned_linear"),
+    "small": dict(n_embd=64, n_layer=4, image_size=32, dropout=0.1, gamma_type="learned_linear"),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+# --- timing -------------------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+CLOCK = CLOCKS["wall"]
+
+
+def median_seconds(fn: Callable[[], object], iters: int, warmup: int, device: torch.device) -> float:
+    """Median seconds of one call of `fn` after `warmup` untimed calls, on CLOCK.
+
+    CLOCK is wall-clock time, or with `--clock cpu` this process's CPU time divided by the thread count: on a
+    machine shared with other jobs that is less disturbed by time slicing (use it with --threads 1, since
+    threads spinning at barriers while another is descheduled also burn CPU time).
+    """
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    per_thread = torch.get_num_threads() if CLOCK is time.process_time else 1
+    for _ in range(iters):
+        t0 = CLOCK()
+        fn()
+        _sync(device)
+        times.append((CLOCK() - t0) / per_thread)
+    return statistics.median(times)
+
+
+def matmul_peak(n: int, precision: str, device: torch.device, iters: int = 5) -> float:
+    """FLOP/s (2·n³ per product) of an n×n by n×n matrix multiply in the given precision (median of `iters`)."""
+    a = torch.randn(n, n, device=device).to(DTYPES[precision])
+    b = torch.randn(n, n, device=device).to(DTYPES[precision])
+    return 2 * n**3 / median_seconds(lambda: a @ b, iters, warmup=2, device=device)
+
+
+# --- FLOP counting ------------------------------------------------------------------------------------------
+def count_flops(preset: dict, pass_: str) -> int:
+    """Matmul/convolution FLOPs of one image's `pass_` ("train": forward + backward, "eval": forward).
+
+    Counted with FlopCounterMode on meta tensors (no arithmetic is done), batch 1; FLOPs scale linearly with
+    the batch (the only attention is over the H·W positions of one image).
+    """
+    with torch.device("meta"):
+        model = VDM(**preset)
+    size = model.config.image_size
+    x = torch.zeros(1, model.config.channels, size, size, dtype=torch.uint8, device="meta")
+    counter = FlopCounterMode(display=False)
+    with counter:
+        if pass_ == "train":
+            out = model.loss(x)
+            (out["prior"] + out["recon"] + out["diff"]).mean().backward()
+        else:
+            with torch.no_grad():
+                model.loss(x)
+    return counter.get_total_flops()
+
+
+# --- the model under test -----------------------------------------------------------------------------------
+def build(preset: dict, device: torch.device, mode: str, channels_last: bool, seed: int = 0) -> VDM:
+    """The preset's VDM on `device`, optionally channels-last and with its score network compiled."""
+    torch.manual_seed(seed)
+    model = VDM(**preset).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if mode == "compile":
+        model.score_model.compile()
+    return model
+
+
+def images(preset: dict, batch: int, device: torch.device, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    size = preset["image_size"]
+    return torch.randint(0, 256, (batch, 3, size, size), generator=g, dtype=torch.uint8).to(device)
+
+
+def step_function(model: VDM, x: torch.Tensor, pass_: str, precision: str) -> Callable[[], object]:
+    """A closure running one training step (or one evaluation pass) on the fixed batch `x`."""
+    device_type = x.device.type
+    autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if precision == "bf16" \
+        else contextlib.nullcontext
+    if pass_ == "eval":
+        model.eval()
+
+        def run():
+            with torch.no_grad(), autocast():
+                return model.loss(x)["bpd"]
+        return run
+
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01)
+
+    def run():
+        with autocast():
+            out = model.loss(x)
+            loss = (out["prior"] + out["recon"] + out["diff"]).float().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
+    return run
+
+
+def measure_row(network: str, pass_: str, precision: str, mode: str, batch: int, args, flops_per_image: int) -> dict:
+    """One row: images/s of the pass, achieved FLOP/s, and the matmul peak timed just before it."""
+    device = torch.device(args.device)
+    peak = matmul_peak(args.matmul_size, precision, device)
+    preset = PRESETS[network]
+    model = build(preset, device, mode, args.channels_last)
+    x = images(preset, batch, device)
+    fn = step_function(model, x, pass_, precision)
+    t_compile = time.perf_counter()
+    fn()  # first call: compiles in "compile" mode
+    _sync(device)
+    t_compile = time.perf_counter() - t_compile
+    sec = median_seconds(fn, args.iters, args.warmup, device)
+    ips = batch / sec
+    achieved = flops_per_image * ips
+    return dict(network=network, **{"pass": pass_}, precision=precision, mode=mode, batch=batch,
+                channels_last=args.channels_last, images_per_s=ips, seconds_per_step=sec,
+                first_call_s=t_compile, flops_per_image=flops_per_image, flops_per_s=achieved,
+                matmul_peak_flops_per_s=peak, fraction_of_peak=achieved / peak, clock=args.clock, threads=torch.get_num_threads(),
+                load_avg_1min=_load())
+
+
+# --- reporting ----------------------------------------------------------------------------------------------
+def _load() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def machine_info(device: torch.device) -> dict:
+    info = dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
+                cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), device=str(device),
+                load_avg=list(os.getloadavg()) if hasattr(os, "getloadavg") else None)
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        info["cpu_model"] = names[0] if names else None
+    except OSError:
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def print_row(r: dict) -> None:
+    print(f"{r['network']:8s} {r['pass']:5s} {r['precision']:4s} {r['mode']:7s} B={r['batch']:<4d} "
+          f"{r['images_per_s']:9.2f} img/s  {r['flops_per_s'] / 1e9:8.1f} GFLOP/s  "
+          f"peak {r['matmul_peak_flops_per_s'] / 1e9:8.1f}  {100 * r['fraction_of_peak']:5.1f}% of peak  "
+          f"(first call {r['first_call_s']:.1f} s, load {r['load_avg_1min']:.2f})", flush=True)
+
+
+def plan(args) -> list[tuple[str, str, str, str, int]]:
+    """The (network, pass, precision, mode, batch) rows to run."""
+    if args.quick:
+        rows = [("small", p, prec, m, args.batch or 8) for p in ("train", "eval")
+                for prec in ("fp32", "bf16") for m in ("eager",)]
+        rows.append(("cifar10", "train", "bf16", "eager", 2))
+        return rows
+    return [(n, p, prec, m, args.batch or 8) for n in args.networks for p in args.passes
+            for prec in args.precisions for m in args.modes]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--networks", nargs="+", choices=sorted(PRESETS), default=["small", "cifar10"],
+                   help="network presets (cifar10: the paper's C=128, L=32; small: C=64, L=4)")
+    p.add_argument("--passes", nargs="+", choices=["train", "eval"], default=["train", "eval"])
+    p.add_argument("--precisions", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
+    p.add_argument("--modes", nargs="+", choices=["eager", "compile"], default=["eager", "compile"])
+    p.add_argument("--batch", type=int, default=None, help="images per step (default 8; --quick: 8 small, 2 cifar10)")
+    p.add_argument("--iters", type=int, default=None, help="timed iterations per row (default 5; --quick 3)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed iterations after the first call (default 1)")
+    p.add_argument("--matmul-size", type=int, default=2048, help="n of the n×n matmul giving the peak")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
+                   help="run the network in channels-last memory format")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:k]")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="wall-clock time (default) or process CPU time per thread (steadier on a busy machine)")
+    p.add_argument("--quick", action="store_true",
+                   help="small net (train/eval, fp32/bf16, eager) + one bf16 CIFAR-10 training step; ~1 min on 2 cores")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = p.parse_args(argv)
+    args.iters = args.iters or (3 if args.quick else 5)
+    args.warmup = 1 if args.warmup is None else args.warmup
+    if args.quick:
+        args.warmup = min(args.warmup, 1)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    global CLOCK
+    CLOCK = CLOCKS[args.clock]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but CUDA is not available", file=sys.stderr)
+        return 2
+    flops: dict[tuple[str, str], int] = {}
+    rows = []
+    for network, pass_, precision, mode, batch in plan(args):
+        key = (network, pass_)
+        if key not in flops:
+            flops[key] = count_flops(PRESETS[network], pass_)
+        row = measure_row(network, pass_, precision, mode, batch, args, flops[key])
+        rows.append(row)
+        if not args.json:
+            print_row(row)
+    if args.json:
+        print(json.dumps({"rows": rows, "machine": machine_info(device), "torch": torch.__version__}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
