@@ -183,6 +183,16 @@ def _flatten_f(groups: Sequence[np.ndarray]) -> np.ndarray:
     return np.concatenate([g.reshape(-1) for g in groups]).astype(np.float64)
 
 
+def pop_order(i: int, n: int) -> np.ndarray:
+    """The order in which the n latents of step i are popped: a fixed pseudo-random permutation.
+
+    A pop reads the bits of the symbols pushed just before it; in array order, z_{t_i}[d] would be drawn from
+    the quantile of z_{s_{i+1}}[d]'s own residual under p (bits that are not random when p ≠ q), which costs
+    rate. Permuting pairs every pop with the residual of an unrelated position.
+    """
+    return np.random.default_rng([0x5EED, i, n]).permutation(n)
+
+
 def encode_stage(coder, chain: Chain, eps_fn: EpsFn, groups: Sequence[np.ndarray], vocab: int = 256) -> None:
     """Push the integer images `groups` (each (n, C, h, w)) onto `coder` by bits-back through the chain.
 
@@ -197,7 +207,9 @@ def encode_stage(coder, chain: Chain, eps_fn: EpsFn, groups: Sequence[np.ndarray
     _push_x(coder, chain, x, z, vocab)
     for i in range(1, chain.T + 1):
         mean, std = _q_step(chain, i, z)
-        zt = pop_gaussian(coder, models, mean, std, escape=False)
+        order = pop_order(i, len(z))
+        zt = np.empty_like(z)
+        zt[order] = pop_gaussian(coder, models, mean[order], std, escape=False)
         mean, std = _p_step(chain, i, zt, _eps(eps_fn, chain, i, zt, shapes))
         push_gaussian(coder, models, z, mean, std, escape=True)
         z = zt
@@ -216,7 +228,8 @@ def decode_stage(coder, chain: Chain, eps_fn: EpsFn, shapes: Sequence[tuple[int,
         mean, std = _p_step(chain, i, z, _eps(eps_fn, chain, i, z, shapes))
         zs = pop_gaussian(coder, models, mean, std, escape=True)
         mean, std = _q_step(chain, i, zs)
-        push_gaussian(coder, models, z, mean, std, escape=False)
+        order = pop_order(i, len(z))
+        push_gaussian(coder, models, z[order], mean[order], std, escape=False)
         z = zs
     x = _pop_x(coder, chain, z, vocab)
     if (x < 0).any() or (x >= vocab).any():

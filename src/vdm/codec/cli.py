@@ -9,7 +9,7 @@ from pathlib import Path
 
 from vdm.checkpoint import atomic_write
 
-DEFAULTS_NOTE = ("The defaults (T = 20 steps, 2^-4 σ grid, 32-pixel tiles, 8-pixel warm-up tiles) were chosen "
+DEFAULTS_NOTE = ("The defaults (T = 50 steps, a σ/4 grid, 32-pixel tiles, 8-pixel warm-up tiles) were chosen "
                  "from measurements of rate against speed; see bench/compress.py.")
 
 
