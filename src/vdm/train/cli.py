@@ -34,8 +34,8 @@ def register(subparsers) -> None:
                     "training state), RUN_DIR/config.json and RUN_DIR/metrics.jsonl.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=preset_names(), default=None,
-                   help="named preset to start from (default: 'quick' for a new run; a resumed run uses its "
-                        "own config.json)")
+                   help="named preset to start from (default: 'quick' unless --config is given, then the built-in "
+                        "defaults; a resumed run without --preset/--config uses its own config.json)")
     p.add_argument("--config", action="append", default=[], metavar="FILE.toml",
                    help="TOML file with [model]/[optim]/[data]/[run] tables, applied after the preset")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
@@ -58,7 +58,8 @@ def resolve_config(args):
     saved = Path(args.out) / "config.json" if args.out else None
     if args.resume and args.preset is None and not args.config and saved is not None and saved.is_file():
         return apply_overrides(load_json_config(saved), args.overrides)
-    return build_config(args.preset or "quick", args.config, args.overrides)
+    preset = args.preset or (None if args.config else "quick")
+    return build_config(preset, args.config, args.overrides)
 
 
 def run_train(args) -> int:
