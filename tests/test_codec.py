@@ -198,6 +198,17 @@ def test_corrupt_payload_with_valid_checksum_is_refused(model, packed):
         decompress_images(_recrc(bytes(body)), model)
 
 
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_bit_flips_behind_a_recomputed_checksum_are_refused(model, packed, data):
+    """Flips the checksum cannot see (it is recomputed) still end in a clear error, never in wrong pixels."""
+    body = bytearray(packed[:-4])
+    for pos in data.draw(st.lists(st.integers(8 * 5, 8 * len(body) - 1), min_size=1, max_size=3, unique=True)):
+        body[pos // 8] ^= 1 << (pos % 8)
+    with pytest.raises((CodecFormatError, ModelMismatchError)):
+        decompress_images(_recrc(bytes(body)), model)
+
+
 def test_absurd_header_with_valid_checksum_is_refused(model):
     c = container.Container(b"\0" * 16, FAST, 2, [container.ImageInfo(2, 1 << 15, 1 << 15)], [1],
                             seed_words(2))

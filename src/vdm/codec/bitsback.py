@@ -60,6 +60,8 @@ def _window(std_bins: float) -> int:
 
 def _split_mean(mean_bins: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(integer centre, offset in [−½, ½] rounded to MEAN_QUANTUM) of means given in bins."""
+    if not np.all(np.abs(mean_bins) < 2.0 ** 52):
+        raise CorruptStreamError("a model mean is not finite: the stream is corrupt")
     center = np.rint(mean_bins)
     offset = np.round((mean_bins - center) / MEAN_QUANTUM) * MEAN_QUANTUM
     return center.astype(np.int64), offset
@@ -143,6 +145,8 @@ def _decoder_window(chain: Chain, z0_idx: np.ndarray, vocab: int) -> tuple[np.nd
     k = lo[:, None] + np.arange(W)[None, :]
     f_k = 2 * (k + 0.5) / vocab - 1
     logits = -0.5 * np.square((u[:, None] - f_k) * math.exp(-0.5 * g0))
+    if not np.all(np.isfinite(logits)):
+        raise CorruptStreamError("the decoder's probabilities are not finite: the stream is corrupt")
     probs = np.exp(logits - logits.max(axis=1, keepdims=True))
     return lo, probs
 

@@ -194,8 +194,10 @@ def decompress_images(data: bytes, model, progress: bool = False) -> list[Decode
         rest = coder.get_compressed()
     except bitsback.CorruptStreamError as e:
         raise CodecFormatError(str(e)) from None
-    except (ValueError, RuntimeError, OverflowError) as e:  # constriction rejects an impossible stream
-        raise CodecFormatError(f"the payload does not decode ({e})") from None
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # constriction rejects an impossible stream (pyo3 panics are BaseExceptions)
+        raise CodecFormatError(f"the payload does not decode ({type(e).__name__}: {e})") from None
     finally:
         bar.close()
     if not np.array_equal(rest, seed_words(c.seed_words)):

@@ -62,9 +62,9 @@ class CodingParams:
     threads: int = 1  # torch CPU threads of the network evaluations (recorded for the same reason)
 
     def __post_init__(self):
-        for name in ("steps", "batch", "threads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name, top in (("steps", 10_000), ("batch", 65_536), ("threads", 1024)):
+            if not 1 <= getattr(self, name) <= top:
+                raise ValueError(f"{name} must lie in 1..{top}, got {getattr(self, name)}")
         if not 0 <= self.grid_bits <= 12:
             raise ValueError(f"grid_bits must lie in 0..12, got {self.grid_bits}")
         if self.tile < 0 or self.warmup < 0:
@@ -187,4 +187,6 @@ def unpack(data: bytes) -> Container:
     payload = np.frombuffer(data[r.pos:r.end], dtype="<u4").astype(np.uint32)
     if payload[-1] == 0:
         raise CodecFormatError("malformed payload (ends in a zero word)")
+    if vals[6] > len(payload):
+        raise CodecFormatError("malformed header (more initial words than payload)")
     return Container(fingerprint, params, vals[6], images, stages, payload)
