@@ -188,6 +188,28 @@ def test_weight_decay_groups_and_warmup():
         [2e-6, 1e-4, 2e-4, 2e-4, 2e-4])
 
 
+def test_prune_keeps_the_last_k_and_the_best(tmp_path):
+    from vdm.train import state
+    for step in (1, 2, 3, 4):
+        d = tmp_path / "checkpoints" / state.checkpoint_name(step)
+        d.mkdir(parents=True)
+        (d / "state.json").write_text("{}")
+    (tmp_path / "checkpoints" / ".tmp_step_00000005_1").mkdir()  # left by a killed run
+    state.write_best(tmp_path, state.checkpoint_name(1))
+    state.prune(tmp_path, keep_last=2)
+    left = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert left == ["best", "step_00000001", "step_00000003", "step_00000004"]
+
+
+def test_cli_prints_the_resolved_config(capsys):
+    from vdm.cli import main
+    assert main(["train", "--preset", "compress", "--set", "optim.lr=1e-3", "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["optim"]["lr"] == 1e-3 and printed["model"]["gamma_type"] == "learned_nnet"
+    assert main(["train", "--set", "optim.lr=fast", "--print-config"]) == 2
+    assert "optim.lr" in capsys.readouterr().err
+
+
 # --- runs ----------------------------------------------------------------------------------------------------
 def test_run_writes_loadable_checkpoints_metrics_and_best(tiny, tmp_path):
     run = tmp_path / "run"

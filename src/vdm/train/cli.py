@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -82,6 +83,6 @@ def run_train(args) -> int:
     except (TrainingError, CheckpointError) as e:
         print(f"vdm train: error: {e}", file=sys.stderr)
         return 3
-    if summary is not None:
+    if os.environ.get("RANK", "0") == "0":  # one summary line, from rank 0 under torchrun
         print(json.dumps(summary))
     return 0

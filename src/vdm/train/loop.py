@@ -115,6 +115,7 @@ class _Trainer:
         self.ema = EMA(self.model, run.ema_decay, run.ema_warmup)
         self.optimizer = make_optimizer(self.model, config.optim)
         self.counters, self.step = Counters(), 0
+        self._last_test: float | None = None
         if ckpt is not None:
             self._restore(ckpt)
         self.forward = self._wrap(LossModule(self.model))
@@ -126,8 +127,10 @@ class _Trainer:
         if d.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "config.json").write_text(config.to_json(), encoding="utf-8")
-            truncate_metrics(out_dir, self.step) if ckpt is not None else (out_dir / "metrics.jsonl").unlink(
-                missing_ok=True)
+            if ckpt is not None:
+                truncate_metrics(out_dir, self.step)  # records after the checkpoint are written again
+            else:
+                (out_dir / "metrics.jsonl").unlink(missing_ok=True)
             self.log = MetricsLog(out_dir, run.tensorboard)
 
     # --- setting up -------------------------------------------------------------------------------------------
@@ -199,8 +202,6 @@ class _Trainer:
         return {"step": self.step, "checkpoint": str(last_ckpt) if last_ckpt else None,
                 "test_bpd": self._last_test, "best_checkpoint": c.best_checkpoint,
                 "nonfinite_total": c.nonfinite_total, "stopped": stopped}
-
-    _last_test: float | None = None
 
     def _progress_bar(self, max_steps: int):
         if not (self.d.is_main and self.config.run.progress):
