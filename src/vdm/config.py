@@ -34,7 +34,7 @@ class OptimConfig:
     eps: float = 1e-8  # Adam ε
     weight_decay: float = 0.01  # decoupled weight decay, on weight matrices/kernels only (not biases, norms, γ)
     warmup_steps: int = 100  # lr rises linearly from lr/warmup_steps to lr over these steps
-    grad_clip: float = 0.0  # clip the global gradient norm to this value; 0 = no clipping
+    grad_clip: float = 0.0  # clip the score network's gradient norm (not the schedule's) to this; 0 = no clipping
 
 
 @dataclass

@@ -237,8 +237,7 @@ class _Trainer:
         if torch.isfinite(mean_terms).all():
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            clip = self.config.optim.grad_clip
-            grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf))
+            grad_norm = self._clip_gradients()
         window.images += run.batch_size
         self.counters.images_seen += run.batch_size
         if math.isfinite(grad_norm):
@@ -251,6 +250,18 @@ class _Trainer:
             window.good += 1
         else:
             self._skip(window)
+
+    def _clip_gradients(self) -> float:
+        """Clip the score network's gradient norm to optim.grad_clip (when > 0); return that norm, or NaN when
+        any gradient (network or schedule) is not finite. The schedule is left out of the norm: under
+        variance minimisation its shape gradients are scaled by 2·L (thousands of nats) and would swamp it."""
+        clip = self.config.optim.grad_clip
+        net = self.model.score_model.parameters()
+        norm = nn.utils.clip_grad_norm_(net, clip if clip > 0 else math.inf)
+        schedule = [p.grad for p in self.model.gamma.parameters() if p.grad is not None]
+        if schedule and not all(bool(torch.isfinite(g).all()) for g in schedule):
+            return math.nan
+        return float(norm)
 
     def _skip(self, window: Window) -> None:
         c = self.counters
