@@ -106,9 +106,11 @@ def test_presets_load_and_match_the_paper():
     for name in preset_names():
         load_preset(name)
     c = load_preset("cifar10")
-    assert (c.model.n_embd, c.model.n_layer, c.model.dropout, c.model.gamma_type) == (128, 32, 0.1, "learned_linear")
-    assert (c.optim.lr, c.optim.beta1, c.optim.beta2, c.optim.eps, c.optim.weight_decay) == (2e-4, 0.9, 0.99, 1e-8, 0.01)
-    assert (c.optim.warmup_steps, c.optim.grad_clip, c.run.ema_decay, c.run.batch_size) == (100, 0.0, 0.9999, 128)
+    m = c.model
+    assert (m.n_embd, m.n_layer, m.dropout, m.gamma_type) == (128, 32, 0.1, "learned_linear")
+    o = c.optim
+    assert (o.lr, o.beta1, o.beta2, o.eps, o.weight_decay) == (2e-4, 0.9, 0.99, 1e-8, 0.01)
+    assert (o.warmup_steps, o.grad_clip, c.run.ema_decay, c.run.batch_size) == (100, 0.0, 0.9999, 128)
     assert (load_preset("imagenet64").model.n_embd, load_preset("imagenet64").model.n_layer) == (256, 64)
     assert load_preset("fashion_mnist").model.channels == 1
 

@@ -289,10 +289,10 @@ class _Trainer:
         if self.log is None:
             return
         n = max(w.good, 1)
-        prior, recon, diff = (w.terms / n).tolist()
+        prior, recon, diff = (w.terms / n).tolist() if w.good else (None, None, None)
         rec = {"step": self.step, "bpd": prior + recon + diff if w.good else None, "prior": prior,
                "recon": recon, "diff": diff, "lr": lr_at(self.config.optim, self.step - 1),
-               "grad_norm": w.grad_norm / n, "images_per_s": w.images / max(seconds, 1e-9),
+               "grad_norm": w.grad_norm / n if w.good else None, "images_per_s": w.images / max(seconds, 1e-9),
                "epoch": self.order.epoch(self.step), "nonfinite_total": self.counters.nonfinite_total,
                "skipped": w.skipped}
         self.log.write(rec)
