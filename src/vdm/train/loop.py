@@ -303,7 +303,7 @@ class _Trainer:
         if self.test is None:
             return None
         self.eval_model.load_state_dict(self.ema.state_dict())
-        result = self.test.evaluate(self.eval_model, self.config.run.bf16)
+        result = self.test.evaluate(self.eval_model)  # float32 even when training in bf16
         self._last_test = result["test_bpd"]
         self.log.write({"step": self.step, **result})
         return result
