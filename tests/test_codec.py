@@ -209,6 +209,14 @@ def test_bit_flips_behind_a_recomputed_checksum_are_refused(model, packed, data)
         decompress_images(_recrc(bytes(body)), model)
 
 
+def test_image_table_stores_runs_of_equal_images_compactly():
+    infos = [container.ImageInfo(2, 32, 32)] * 64 + [container.ImageInfo(0, 5, 7, "g.png")]
+    c = container.Container(b"\2" * 16, FAST, 1, infos, [65], seed_words(1))
+    data = container.pack(c)
+    assert container.unpack(data).images == infos
+    assert len(data) <= 4 + 1 + 16 + 7 + 1 + 2 * 6 + 11 + 2 + 4 + 4  # magic … runs, stages, one word, crc
+
+
 def test_absurd_header_with_valid_checksum_is_refused(model):
     c = container.Container(b"\0" * 16, FAST, 2, [container.ImageInfo(2, 1 << 15, 1 << 15)], [1],
                             seed_words(2))

@@ -6,8 +6,9 @@ Layout (integers are unsigned LEB128 varints unless a size is given; multi-byte 
     version      1 byte   (1)
     fingerprint 16 bytes  first 16 bytes of the model's SHA-256 fingerprint (`fingerprint.py`)
     steps, grid_bits, tile, warmup, batch, threads, seed_words   7 varints (the coding parameters)
-    n_images     varint, then per image: mode (1 byte: 0 grey H×W, 1 grey H×W×1, 2 RGB H×W×3),
-                 height, width (varints), name length (varint) + UTF-8 name
+    n_runs       varint, then per run of consecutive images with equal entries: count (varint), mode
+                 (1 byte: 0 grey H×W, 1 grey H×W×1, 2 RGB H×W×3), height, width (varints),
+                 name length (varint) + UTF-8 name (64 unnamed 32×32 tiles take 7 bytes)
     n_stages     varint, then units per stage (varints)
     payload      the whole final ANS stack, uint32 words little-endian (the rest of the file)
     crc32        4 bytes  CRC-32 of every byte before it
@@ -131,9 +132,18 @@ def pack(c: Container) -> bytes:
     out += c.fingerprint
     for v in (p.steps, p.grid_bits, p.tile, p.warmup, p.batch, p.threads, c.seed_words):
         out += _varint(v)
-    out += _varint(len(c.images))
+    runs: list[list] = []
     for im in c.images:
-        name = im.name.encode("utf-8")[:MAX_NAME]
+        if runs and runs[-1][1] == im:
+            runs[-1][0] += 1
+        else:
+            runs.append([1, im])
+    out += _varint(len(runs))
+    for count, im in runs:
+        name = im.name.encode("utf-8")
+        if len(name) > MAX_NAME:
+            raise ValueError(f"image name longer than {MAX_NAME} bytes")
+        out += _varint(count)
         out.append(im.mode)
         out += _varint(im.height) + _varint(im.width) + _varint(len(name)) + name
     out += _varint(len(c.stages))
@@ -166,20 +176,23 @@ def unpack(data: bytes) -> Container:
         raise CodecFormatError(f"bad coding parameters ({e})") from None
     images, pixels = [], 0
     for _ in range(r.varint(1 << 20)):
+        count = r.varint(MAX_PIXELS)
+        if count < 1:
+            raise CodecFormatError("malformed image table (empty run)")
         mode = r.take(1)[0]
         if mode not in MODES:
             raise CodecFormatError(f"unknown image mode {mode}")
         h, w = r.varint(MAX_SIDE), r.varint(MAX_SIDE)
         if h < 1 or w < 1:
             raise CodecFormatError("an image has zero size")
-        pixels += h * w * MODES[mode][0]
+        pixels += count * h * w * MODES[mode][0]
         if pixels > MAX_PIXELS:
             raise CodecFormatError("the images are implausibly large")
         try:
             name = r.take(r.varint(MAX_NAME)).decode("utf-8")
         except UnicodeDecodeError:
             raise CodecFormatError("an image name is not UTF-8") from None
-        images.append(ImageInfo(mode, h, w, name))
+        images += [ImageInfo(mode, h, w, name)] * count
     stages = [r.varint(MAX_PIXELS) for _ in range(r.varint(MAX_PIXELS))]
     rest = r.end - r.pos
     if rest % 4 or rest == 0:
