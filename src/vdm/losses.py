@@ -46,13 +46,18 @@ def reconstruction_loss(x: Tensor, gamma_0: Tensor, eps_0: Tensor, vocab_size: i
 
     The normaliser is summed over the values within (max|ε_0| + 10) decoder standard deviations of x (all V
     values when that window is wider): every value left out has a logit at least 50 below the logit of x, so
-    the result equals the full sum over V values to a relative 1e-20, at a fraction of the cost.
+    the result equals the full sum over V values to a relative 1e-20, at a fraction of the cost. The window is
+    used on the CPU in eager mode only; on other devices and under torch.compile the sum is over all V values.
     """
     f = encode(x, vocab_size).to(eps_0.dtype)
     std = torch.exp(0.5 * gamma_0)
     u = f + std * eps_0  # z_0/α_0
-    reach = (eps_0.abs().max() + 10) * std * (vocab_size / 2)  # in units of the value grid (one host sync)
-    half = int(torch.ceil(reach.detach()).item()) + 1
+    if eps_0.device.type != "cpu" or torch.compiler.is_compiling():
+        half = vocab_size  # all V values: reading the window's width would synchronise with the device or
+        # break the compiled graph (on a GPU the full sum is cheap; compiled code fuses it)
+    else:
+        reach = (eps_0.abs().max() + 10) * std * (vocab_size / 2)  # in units of the value grid
+        half = int(torch.ceil(reach.detach()).item()) + 1  # a CPU tensor: no device synchronisation
     if 2 * half + 1 >= vocab_size:
         logits = decoder_logits(u, gamma_0, vocab_size)
         log_p = logits.gather(-1, x.long().unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
