@@ -5,7 +5,8 @@ C_img = C; each channel on its own when the model is grey (C = 1); a grey image 
 colour model (C = 3, decoded back from the first plane). Each plane is cut into `tile`×`tile` tiles in raster
 order (edge tiles are smaller; `tile` = 0 keeps planes whole). The very first tile of the stream is cut further
 into `warmup`×`warmup` tiles: bits-back must borrow bits from an empty stack for the first stage, and smaller
-first units borrow fewer (see `bitsback.deficit_bits_per_dim`).
+first units borrow fewer (see `bitsback.deficit_bits_per_dim`). With `tile` = 0 the first unit is the whole
+first plane, so a non-zero `warmup` cuts that whole plane into warm-up tiles.
 
 Units are coded in *stages* of consecutive units; within a stage, units of equal shape share network calls in
 batches of at most `batch` units. Encoder and decoder derive the same units and batches from the header.
