@@ -111,6 +111,7 @@ def build(preset: dict, device: torch.device, mode: str, channels_last: bool, se
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if mode == "compile":
+        torch._dynamo.reset()  # a fresh model per row: do not run into dynamo's recompilation limit
         model.score_model.compile()
     return model
 
