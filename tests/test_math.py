@@ -10,8 +10,16 @@ from torch import nn
 from vdm import VDM, losses, process
 from vdm.schedule import FixedLinearSchedule, LearnedLinearSchedule, MonotoneNetSchedule, make_schedule
 
-torch.set_default_dtype(torch.float64)
 KINDS = ["fixed_linear", "learned_linear", "learned_nnet"]
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """These closed-form checks run in float64; the default dtype is restored for the other test files."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def randomised(kind: str) -> nn.Module:
