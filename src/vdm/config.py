@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 import types
 import typing
 from dataclasses import dataclass, field
