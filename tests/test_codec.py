@@ -201,12 +201,19 @@ def test_corrupt_payload_with_valid_checksum_is_refused(model, packed):
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_bit_flips_behind_a_recomputed_checksum_are_refused(model, packed, data):
-    """Flips the checksum cannot see (it is recomputed) still end in a clear error, never in wrong pixels."""
+    """Flips the checksum cannot see (it is recomputed) end in a clear error, never in wrong pixels. (A flip in
+    an image's name, which the checksum alone protects, gives the right pixels under another name.)"""
     body = bytearray(packed[:-4])
     for pos in data.draw(st.lists(st.integers(8 * 5, 8 * len(body) - 1), min_size=1, max_size=3, unique=True)):
         body[pos // 8] ^= 1 << (pos % 8)
-    with pytest.raises((CodecFormatError, ModelMismatchError)):
-        decompress_images(_recrc(bytes(body)), model)
+    try:
+        decoded = decompress_images(_recrc(bytes(body)), model)
+    except (CodecFormatError, ModelMismatchError):
+        return
+    expected = some_images()
+    assert len(decoded) == len(expected)
+    for got, want in zip(decoded, expected):
+        np.testing.assert_array_equal(np.asarray(got.pixels).reshape(want.shape), want)
 
 
 def test_image_table_stores_runs_of_equal_images_compactly():

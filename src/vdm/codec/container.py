@@ -55,7 +55,7 @@ class ImageInfo:
 class CodingParams:
     """The parameters of bits-back coding; stored in the file and needed unchanged to decode it."""
 
-    steps: int = 50  # T, the number of discrete steps of the latent chain
+    steps: int = 200  # T, the number of discrete steps of the latent chain (rate vs speed: bench/compress.py)
     grid_bits: int = 2  # k: latent z_t is quantised to a grid of width σ_t·2^−k
     tile: int = 32  # tile side in pixels; 0 codes every image plane whole
     warmup: int = 8  # side of the tiles the first tile is cut into (fewer initial bits); 0 for none
