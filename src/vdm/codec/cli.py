@@ -11,7 +11,7 @@ from vdm.checkpoint import atomic_write
 
 DEFAULTS_NOTE = ("The defaults (T = 200 steps, a σ/4 grid, 32-pixel tiles, 8-pixel warm-up tiles) were chosen "
                  "from measurements of rate against speed; see bench/compress.py (with the packaged model on 64 "
-                 "test tiles: T = 200 gives 3.97 bits per sub-pixel at 227 pixels/s, T = 50 gives 7.24 at 542).")
+                 "test tiles: T = 200 gives 3.97 bits per sub-pixel at about 400 pixels/s, T = 50 gives 7.24 at about 550).")
 
 
 def register(subparsers) -> None:
