@@ -169,31 +169,16 @@ class VDM(nn.Module):
         alpha_0, _ = process.alpha_sigma(g0)
         return losses.decoder_logits(z_0 / alpha_0, g0, self.config.vocab_size).argmax(-1)
 
-    @torch.no_grad()
     def sample(self, n: int, steps: int, generator: torch.Generator | None = None, *,
                image_size: int | tuple[int, int] | None = None, progress: bool = False) -> Tensor:
-        """Draw `n` images with `steps` ancestral steps from z_1 ~ N(0, I); uint8 (n, C, H, W) when V ≤ 256."""
-        if steps < 1:
-            raise ValueError(f"steps must be at least 1, got {steps}")
-        size = image_size or self.config.image_size
-        h, w = (size, size) if isinstance(size, int) else size
-        shape = (n, self.config.channels, h, w)
-        was_training = self.training
-        self.eval()
-        try:
-            z = torch.randn(shape, generator=generator, device=self.device, dtype=self.dtype)
-            it = range(steps)
-            if progress:
-                from tqdm.auto import tqdm
-                it = tqdm(it, desc="sampling", unit="step")
-            for i in it:
-                noise = torch.randn(shape, generator=generator, device=self.device, dtype=self.dtype)
-                z = self.sample_step(z, i, steps, noise)
-            x = self.decode(z)
-        finally:
-            self.train(was_training)
-        return x.to(torch.uint8) if self.config.vocab_size <= 256 else x
+        """Draw `n` images with `steps` ancestral steps from z_1 ~ N(0, I); uint8 (n, C, H, W) when V ≤ 256.
 
+        A method form of `vdm.sampling.ancestral_sample` (same noise order, so the same images for a seed).
+        """
+        from vdm.sampling import ancestral_sample, prior_latent  # vdm.sampling imports this module
+
+        z_1 = prior_latent(self, n, image_size=image_size, generator=generator)
+        return ancestral_sample(self, z_1, steps, generator=generator, progress=progress)
 
 def _check_images(x: Tensor, config: VDMConfig) -> None:
     if x.dim() != 4:
