@@ -155,7 +155,7 @@ def bench_tiles(args) -> None:
     print("| quantity | bits per sub-pixel |")
     print("|---|---|")
     print(f"| net rate (whole file: header, initial bits, checksum) | {net:.4f} |")
-    print(f"| of which initial bits (seed words) | {32 * c.seed_words / D:.4f} |")
+    print(f"| of which initial and top-up bits (fresh random words) | {32 * (c.seed_words + sum(c.topups)) / D:.4f} |")
     print(f"| of which header + checksum | {8 * (len(data) - 4 * len(c.payload)) / D:.4f} |")
     print(f"| negative ELBO, T = {params.steps} (± standard error) | {elbo.mean():.4f} ± "
           f"{elbo.std(ddof=1) / math.sqrt(len(elbo)):.4f} |")

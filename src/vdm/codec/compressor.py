@@ -58,14 +58,33 @@ def _chw(img: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray((img[:, :, None] if img.ndim == 2 else img).transpose(2, 0, 1))
 
 
+def _words(domain: bytes, n: int) -> np.ndarray:
+    blocks = b"".join(hashlib.sha256(domain + i.to_bytes(4, "little")).digest() for i in range((4 * n + 31) // 32))
+    return np.frombuffer(blocks[:4 * n], dtype="<u4").astype(np.uint32)
+
+
 def seed_words(n: int) -> np.ndarray:
     """The fixed pseudo-random words the ANS stack starts with (the initial bits of bits-back), uint32 (n,)."""
-    blocks = b"".join(hashlib.sha256(b"vdm-bits-back-seed" + i.to_bytes(4, "little")).digest()
-                      for i in range((4 * n + 31) // 32))
-    words = np.frombuffer(blocks[:4 * n], dtype="<u4").astype(np.uint32)
+    words = _words(b"vdm-bits-back-seed", n)
     if n:
         words[-1] |= np.uint32(1 << 31)  # an ANS stack never ends in a zero word
     return words
+
+
+def topup_words(stage: int, n: int) -> np.ndarray:
+    """The pseudo-random words pushed before stage `stage` (fresh bits for its pops), uint32 (n,)."""
+    return _words(b"vdm-bits-back-top-up" + stage.to_bytes(4, "little"), n)
+
+
+# A stage is planned to borrow at most HEADROOM·(estimated peak) + SLACK_BITS bits from the stack; if its pops
+# still come within SAFE_BITS of the bottom, it is coded again with more top-up words.
+HEADROOM = 1.15
+SLACK_BITS = 256
+SAFE_BITS = 64
+
+
+def _headroom(bits: float) -> float:
+    return HEADROOM * bits + SLACK_BITS
 
 
 @contextmanager
@@ -80,11 +99,28 @@ def _deterministic(threads: int):
         torch.use_deterministic_algorithms(old_det)
 
 
+def mirror_extend(z: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """z (B, C, h, w) tiled with mirror images of itself until it is at least height × width; z stays at the
+    top-left. A piece much smaller than the training images (a warm-up tile, an edge tile) is seen by the
+    network inside a plausible picture rather than alone: GroupNorm statistics over an 8×8 piece are far from
+    those of the 32×32 training crops, and the piece's −ELBO measured 5.6–6.0 bits/dim alone but close to the
+    whole tile's value (2.2–4.1) inside the mosaic."""
+    while z.shape[2] < height:
+        z = torch.cat([z, z.flip(2)], dim=2)
+    while z.shape[3] < width:
+        z = torch.cat([z, z.flip(3)], dim=3)
+    return z
+
+
 class _Network:
-    """ε̂ for the units of one stage: units of equal shape in batches of at most `batch`, float32."""
+    """ε̂ for the units of one stage: units of equal shape in batches of at most `batch`, float32.
+
+    Units smaller than the model's training size are evaluated inside their mirror mosaic (`mirror_extend`).
+    """
 
     def __init__(self, model, chain: Chain, batch: int):
         self.model, self.chain, self.batch = model, chain, batch
+        self.context = int(model.config.image_size)
 
     @torch.no_grad()
     def __call__(self, groups: list[np.ndarray], i: int) -> list[np.ndarray]:
@@ -92,10 +128,12 @@ class _Network:
         gamma = torch.tensor(self.chain.gamma[i], dtype=torch.float32, device=m.device)
         out = []
         for z in groups:
+            h, w = z.shape[2], z.shape[3]
             parts = []
             for j in range(0, len(z), self.batch):
                 zt = torch.from_numpy(z[j:j + self.batch].astype(np.float32)).to(m.device)
-                eps = m.eps_hat(zt.to(m.dtype), gamma.to(m.dtype).expand(zt.shape[0]))
+                zt = mirror_extend(zt, self.context, self.context)
+                eps = m.eps_hat(zt.to(m.dtype), gamma.to(m.dtype).expand(zt.shape[0]))[:, :, :h, :w]
                 parts.append(eps.to(torch.float64).cpu().numpy())
             out.append(np.concatenate(parts))
         return out
@@ -122,30 +160,47 @@ def compress_images(images: Sequence[np.ndarray], model, params: CodingParams = 
         tiling.plane_channels(im.shape[0], C)  # raises for channel counts the model cannot code
     model.eval()
     chain = _chain(model, params)
-    units = tiling.plan_units([im.shape for im in chw], C, params.tile, params.warmup)
-    dims = [C * u.h * u.w for u in units]
+    tiles = tiling.plan_units([im.shape for im in chw], C, params.tile, params.warmup, warm_tiles=0)
     per_dim = bitsback.deficit_bits_per_dim(chain)
-    n_seed = int(math.ceil(1.05 * per_dim * dims[0] / 32)) + 2
-    coder = constriction.stream.stack.AnsCoder(seed_words(n_seed))
+    coder = constriction.stream.stack.AnsCoder(seed_words(0))
     net = _Network(model, chain, params.batch)
-    stages, j = [], 0
-    bar = _bar(len(units), "compressing", progress)
+    stages, topups, pending, next_tile, warm_tiles = [], [], [], 0, 0
+    bar = _bar(sum(u.h * u.w for u in tiles), "compressing", progress)
     with _deterministic(params.threads):
-        while j < len(units):
-            budget, k = coder.num_bits(), j + 1
-            need = per_dim * dims[j]
-            while k < len(units) and k - j < params.batch and need + per_dim * dims[k] <= budget:
-                need += per_dim * dims[k]
-                k += 1
-            stage = units[j:k]
+        while pending or next_tile < len(tiles):
+            budget, stage, need = coder.num_bits(), [], 0.0
+            while True:
+                if not pending:
+                    if next_tile == len(tiles):
+                        break
+                    u = tiles[next_tile]
+                    next_tile += 1
+                    pending = [u]
+                    if next_tile - 1 == warm_tiles and _headroom(per_dim * C * u.h * u.w) > budget:
+                        pieces = tiling.split_unit(u, params.warmup)
+                        if len(pieces) > 1:  # the stack cannot lend a whole tile yet: code it in pieces
+                            pending, warm_tiles = pieces, warm_tiles + 1
+                u = pending[0]
+                more = per_dim * C * u.h * u.w
+                if stage and (len(stage) >= params.batch or _headroom(need + more) > budget):
+                    break
+                stage.append(pending.pop(0))
+                need += more
             groups = [np.stack([tiling.extract(chw, stage[g], C) for g in idx]) for idx in _stage_groups(stage)]
-            bitsback.encode_stage(coder, chain, net, groups, model.config.vocab_size)
-            stages.append(k - j)
-            bar.update(k - j)
-            j = k
+            extra = max(0, math.ceil((_headroom(need) - budget) / 32))
+            while True:  # normally once; again with more fresh bits if the estimate fell short
+                trial = coder.clone()
+                bitsback.push_words(trial, topup_words(len(stages), extra))
+                if bitsback.encode_stage(trial, chain, net, groups, model.config.vocab_size) >= SAFE_BITS:
+                    break
+                extra += max(8, math.ceil(0.25 * need / 32))
+            coder = trial
+            stages.append(len(stage))
+            topups.append(extra)
+            bar.update(sum(u.h * u.w for u in stage))
     bar.close()
     fp = model_fingerprint(model)[:FINGERPRINT_BYTES]
-    return pack(Container(fp, params, n_seed, infos, stages, coder.get_compressed()))
+    return pack(Container(fp, params, 0, infos, stages, coder.get_compressed(), topups, warm_tiles))
 
 
 def read_header(data: bytes) -> Container:
@@ -170,8 +225,8 @@ def decompress_images(data: bytes, model, progress: bool = False) -> list[Decode
     except ValueError as e:
         raise ModelMismatchError(str(e)) from None
     params = c.params
-    units = tiling.plan_units(shapes, C, params.tile, params.warmup)
-    if sum(c.stages) != len(units) or min(c.stages, default=1) < 1:
+    units = tiling.plan_units(shapes, C, params.tile, params.warmup, c.warm_tiles)
+    if sum(c.stages) != len(units) or min(c.stages, default=1) < 1 or c.warm_tiles > len(units):
         raise CodecFormatError("the stage table does not match the images")
     model.eval()
     chain = _chain(model, params)
@@ -179,10 +234,11 @@ def decompress_images(data: bytes, model, progress: bool = False) -> list[Decode
     out = [np.zeros(s, dtype=np.uint8) for s in shapes]
     coder = constriction.stream.stack.AnsCoder(c.payload)
     ends = np.cumsum(c.stages)
-    bar = _bar(len(units), "decompressing", progress)
+    bar = _bar(sum(u.h * u.w for u in units), "decompressing", progress)
     try:
         with _deterministic(params.threads):
-            for end, size in zip(ends[::-1], c.stages[::-1]):
+            for si in range(len(c.stages) - 1, -1, -1):
+                end, size = ends[si], c.stages[si]
                 stage = units[end - size:end]
                 idxs = _stage_groups(stage)
                 gshapes = [(len(idx), C, stage[idx[0]].h, stage[idx[0]].w) for idx in idxs]
@@ -190,7 +246,9 @@ def decompress_images(data: bytes, model, progress: bool = False) -> list[Decode
                 for idx, g in zip(idxs, groups):
                     for unit_j, pixels in zip(idx, g):
                         tiling.place(out, stage[unit_j], pixels.astype(np.uint8), C)
-                bar.update(size)
+                if not np.array_equal(bitsback.pop_words(coder, c.topups[si]), topup_words(si, c.topups[si])):
+                    raise CodecFormatError("a stage's top-up words did not decode back: the file is corrupt")
+                bar.update(sum(u.h * u.w for u in stage))
         rest = coder.get_compressed()
     except bitsback.CorruptStreamError as e:
         raise CodecFormatError(str(e)) from None
@@ -212,7 +270,7 @@ def _layout(chw: np.ndarray, mode: int) -> np.ndarray:
 
 def _bar(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit="tile", disable=not enabled)
+    return tqdm(total=total, desc=desc, unit="px", unit_scale=True, disable=not enabled)
 
 
 def rate_bits_per_subpixel(data: bytes, images: Sequence[np.ndarray]) -> float:

@@ -5,11 +5,13 @@ Layout (integers are unsigned LEB128 varints unless a size is given; multi-byte 
     magic        4 bytes  b"VDMC"
     version      1 byte   (1)
     fingerprint 16 bytes  first 16 bytes of the model's SHA-256 fingerprint (`fingerprint.py`)
-    steps, grid_bits, tile, warmup, batch, threads, seed_words   7 varints (the coding parameters)
+    steps, grid_bits, tile, warmup, batch, threads, seed_words, warm_tiles   8 varints (the coding parameters;
+                 seed_words: initial words of the ANS stack; warm_tiles: leading tiles cut into warm-up pieces)
     n_runs       varint, then per run of consecutive images with equal entries: count (varint), mode
                  (1 byte: 0 grey H×W, 1 grey H×W×1, 2 RGB H×W×3), height, width (varints),
                  name length (varint) + UTF-8 name (64 unnamed 32×32 tiles take 7 bytes)
-    n_stages     varint, then units per stage (varints)
+    n_stages     varint, then per stage: units (varint), top-up words (varint) — the fresh pseudo-random words
+                 pushed before the stage so that its pops never read past the bottom of the stack
     payload      the whole final ANS stack, uint32 words little-endian (the rest of the file)
     crc32        4 bytes  CRC-32 of every byte before it
 
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 MAGIC = b"VDMC"
-VERSION = 1
+VERSION = 2
 FINGERPRINT_BYTES = 16
 MODES = {0: (1, 2), 1: (1, 3), 2: (3, 3)}  # mode → (channels, array dimensions)
 MAX_SIDE = 1 << 16  # largest height or width accepted from a file
@@ -82,6 +84,14 @@ class Container:
     images: list[ImageInfo]
     stages: list[int]
     payload: np.ndarray = field(repr=False)  # uint32 words
+    topups: list[int] | None = None  # top-up words pushed before each stage (None: none)
+    warm_tiles: int = 1  # how many leading tiles are cut into warmup×warmup pieces
+
+    def __post_init__(self):
+        if self.topups is None:
+            self.topups = [0] * len(self.stages)
+        if len(self.topups) != len(self.stages):
+            raise ValueError("one top-up count per stage")
 
 
 def _varint(n: int) -> bytes:
@@ -130,7 +140,7 @@ def pack(c: Container) -> bytes:
     if len(c.fingerprint) != FINGERPRINT_BYTES:
         raise ValueError("fingerprint must be 16 bytes")
     out += c.fingerprint
-    for v in (p.steps, p.grid_bits, p.tile, p.warmup, p.batch, p.threads, c.seed_words):
+    for v in (p.steps, p.grid_bits, p.tile, p.warmup, p.batch, p.threads, c.seed_words, c.warm_tiles):
         out += _varint(v)
     runs: list[list] = []
     for im in c.images:
@@ -147,8 +157,8 @@ def pack(c: Container) -> bytes:
         out.append(im.mode)
         out += _varint(im.height) + _varint(im.width) + _varint(len(name)) + name
     out += _varint(len(c.stages))
-    for s in c.stages:
-        out += _varint(s)
+    for s, t in zip(c.stages, c.topups):
+        out += _varint(s) + _varint(t)
     out += np.asarray(c.payload, dtype="<u4").tobytes()
     out += struct.pack("<I", zlib.crc32(bytes(out)))
     return bytes(out)
@@ -169,7 +179,7 @@ def unpack(data: bytes) -> Container:
     if version != VERSION:
         raise CodecFormatError(f"format version {version}; this vdm reads version {VERSION}")
     fingerprint = r.take(FINGERPRINT_BYTES)
-    vals = [r.varint(1 << 20) for _ in range(7)]
+    vals = [r.varint(1 << 20) for _ in range(7)] + [r.varint(MAX_PIXELS)]
     try:
         params = CodingParams(*vals[:6])
     except ValueError as e:
@@ -193,13 +203,16 @@ def unpack(data: bytes) -> Container:
         except UnicodeDecodeError:
             raise CodecFormatError("an image name is not UTF-8") from None
         images += [ImageInfo(mode, h, w, name)] * count
-    stages = [r.varint(MAX_PIXELS) for _ in range(r.varint(MAX_PIXELS))]
+    stages, topups = [], []
+    for _ in range(r.varint(MAX_PIXELS)):
+        stages.append(r.varint(MAX_PIXELS))
+        topups.append(r.varint(MAX_PIXELS))
     rest = r.end - r.pos
     if rest % 4 or rest == 0:
         raise CodecFormatError("the payload is not a whole number of 32-bit words")
     payload = np.frombuffer(data[r.pos:r.end], dtype="<u4").astype(np.uint32)
     if payload[-1] == 0:
         raise CodecFormatError("malformed payload (ends in a zero word)")
-    if vals[6] > len(payload):
-        raise CodecFormatError("malformed header (more initial words than payload)")
-    return Container(fingerprint, params, vals[6], images, stages, payload)
+    if vals[6] + sum(topups) > len(payload):
+        raise CodecFormatError("malformed header (more initial and top-up words than payload)")
+    return Container(fingerprint, params, vals[6], images, stages, payload, topups, vals[7])

@@ -3,10 +3,11 @@
 An image (C_img, H, W) is coded as one or more *planes* of the model's channel count C: the image itself when
 C_img = C; each channel on its own when the model is grey (C = 1); a grey image repeated three times for a
 colour model (C = 3, decoded back from the first plane). Each plane is cut into `tile`×`tile` tiles in raster
-order (edge tiles are smaller; `tile` = 0 keeps planes whole). The very first tile of the stream is cut further
-into `warmup`×`warmup` tiles: bits-back must borrow bits from an empty stack for the first stage, and smaller
-first units borrow fewer (see `bitsback.deficit_bits_per_dim`). With `tile` = 0 the first unit is the whole
-first plane, so a non-zero `warmup` cuts that whole plane into warm-up tiles.
+order (edge tiles are smaller; `tile` = 0 keeps planes whole). The first tiles of the stream (as many as the
+encoder needs, recorded in the file as `warm_tiles`) are cut further into `warmup`×`warmup` pieces: bits-back
+borrows bits from the stack, which starts empty, and smaller units borrow fewer (see
+`bitsback.deficit_bits_per_dim`); the stack grows as pieces are coded until it can lend a whole tile's worth.
+With `tile` = 0 the first units are whole planes, so a non-zero `warmup` cuts those planes into pieces.
 
 Units are coded in *stages* of consecutive units; within a stage, units of equal shape share network calls in
 batches of at most `batch` units. Encoder and decoder derive the same units and batches from the header.
@@ -48,18 +49,23 @@ def _tiles(h: int, w: int, tile: int) -> list[tuple[int, int, int, int]]:
     return [(y, x, min(th, h - y), min(tw, w - x)) for y in range(0, h, th) for x in range(0, w, tw)]
 
 
-def plan_units(shapes: Sequence[tuple[int, int, int]], model_channels: int, tile: int, warmup: int) -> list[Unit]:
-    """All units of the images with the given (C, H, W) shapes, in coding order."""
+def split_unit(unit: Unit, warmup: int) -> list[Unit]:
+    """The `warmup`×`warmup` pieces of a unit in raster order (the unit itself if it is not larger)."""
+    if not 0 < warmup < max(unit.h, unit.w):
+        return [unit]
+    return [Unit(unit.image, unit.plane, unit.y + y, unit.x + x, th, tw)
+            for y, x, th, tw in _tiles(unit.h, unit.w, warmup)]
+
+
+def plan_units(shapes: Sequence[tuple[int, int, int]], model_channels: int, tile: int, warmup: int,
+               warm_tiles: int = 1) -> list[Unit]:
+    """All units of the images with the given (C, H, W) shapes, in coding order; the first `warm_tiles` tiles
+    are cut into `warmup`×`warmup` pieces."""
     units: list[Unit] = []
     for n, (c, h, w) in enumerate(shapes):
         for p in range(len(plane_channels(c, model_channels))):
             units += [Unit(n, p, y, x, th, tw) for y, x, th, tw in _tiles(h, w, tile)]
-    if units and 0 < warmup < max(units[0].h, units[0].w):
-        first = units.pop(0)
-        subs = [Unit(first.image, first.plane, first.y + y, first.x + x, th, tw)
-                for y, x, th, tw in _tiles(first.h, first.w, warmup)]
-        units = subs + units
-    return units
+    return [piece for u in units[:warm_tiles] for piece in split_unit(u, warmup)] + units[warm_tiles:]
 
 
 def extract(images: Sequence[np.ndarray], unit: Unit, model_channels: int) -> np.ndarray:
