@@ -196,23 +196,43 @@ def test_file_rate_counts_every_byte(model, packed):
     assert len(c.payload) >= c.seed_words
 
 
-def test_smaller_warmup_tiles_need_fewer_initial_bits(model):
+def test_warmup_cuts_tiles_into_quadrants_down_to_the_warmup_side(model):
     chain = make_chain(gammas(model, 4), 2)
     per_dim = bitsback.deficit_bits_per_dim(chain)
     assert 6.0 < per_dim < 10.0  # two pops of ≈ log2(√(2πe)·4) ≈ 4.05 bits in flight
-    units = tiling.plan_units([(3, 32, 32)], 3, 32, 8)
-    assert (units[0].h, units[0].w) == (8, 8) and len(units) == 16
+    tiles = tiling.plan_units([(3, 64, 32)], 3, 32)
+    always = tiling.WarmupPlan(tiles, 8, lambda u: True)
+    units = list(always)
+    # the first tile becomes 8×8 pieces in quadtree order; the second is still a warm-up tile (no whole tile
+    # was coded yet), so it is cut too
+    assert [(u.y, u.x, u.h, u.w) for u in units[:5]] == [(0, 0, 8, 8), (0, 8, 8, 8), (8, 0, 8, 8), (8, 8, 8, 8),
+                                                         (0, 16, 8, 8)]
+    assert len(units) == 32 and always.flags == [True] * 10
+    once = tiling.WarmupPlan(tiles, 8, lambda u: u.h == 32 and u.y == 0)  # cut the first tile into 16×16 only
+    units = list(once)
+    assert [(u.h, u.w) for u in units] == [(16, 16)] * 4 + [(32, 32)]
+    assert once.flags == [True, False, False, False, False, False]
+    assert tiling.replay_units(tiles, 8, once.flags) == units
+    with pytest.raises(ValueError):
+        tiling.replay_units(tiles, 8, once.flags[:-1])
+    with pytest.raises(ValueError):
+        tiling.replay_units(tiles, 8, once.flags + [False])
 
 
 # --- tiling -------------------------------------------------------------------------------------------------
 @settings(max_examples=30, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from([1, 3]), st.integers(1, 20), st.integers(1, 20)), min_size=1, max_size=3),
-       st.integers(0, 9), st.integers(0, 5), st.sampled_from([1, 3]))
-def test_units_cover_every_subpixel_once(shapes, tile, warmup, model_channels):
+       st.integers(0, 9), st.integers(0, 5), st.sampled_from([1, 3]), st.lists(st.booleans(), min_size=1))
+def test_units_cover_every_subpixel_once(shapes, tile, warmup, model_channels, choices):
     if model_channels == 3 and any(c not in (1, 3) for c, _, _ in shapes):
         return
     cover = [np.zeros((c, h, w), int) for c, h, w in shapes]
-    for u in tiling.plan_units(shapes, model_channels, tile, warmup):
+    tiles = tiling.plan_units(shapes, model_channels, tile)
+    k = iter(range(10 ** 9))
+    plan = tiling.WarmupPlan(tiles, warmup, lambda u: choices[next(k) % len(choices)])
+    units = list(plan)
+    assert tiling.replay_units(tiles, warmup, plan.flags) == units
+    for u in units:
         chans = tiling.plane_channels(shapes[u.image][0], model_channels)[u.plane]
         for c in set(chans):
             cover[u.image][c, u.y:u.y + u.h, u.x:u.x + u.w] += 1

@@ -193,13 +193,13 @@ def _flatten_f(groups: Sequence[np.ndarray]) -> np.ndarray:
 # --- masking the bits a pop reads ----------------------------------------------------------------------------
 # Latents are popped from bits that were just pushed under p. Those bits are not uniform when p ≠ q: a pushed
 # symbol sits at its position in p's CDF, whose spread carries the model's error, so a latent popped from them is
-# drawn from a wider law than q and the file grows (2.4 % over −ELBO at T = 50 with the packaged model, one
-# stage over plenty of random bits). Before popping n latents, the encoder pops the region of the stack those
-# pops will read as 16-bit uniform words and pushes them back XOR a fixed pseudo-random mask: a bijection that
-# costs exactly 0 bits and makes every bit the pops read independent of the data, so the latents are drawn from
-# q whatever the stack holds (the same measurement: 0.5 % over). The decoder applies the same XOR after pushing
-# the latents back. The region is sized from the pops' expected cost (+10 %), so masking reads no deeper than
-# the pops themselves.
+# drawn from a wider law than q and the file grows. Before popping n latents, the encoder pops the region of the
+# stack those pops will read as 16-bit uniform words and pushes them back XOR a fixed pseudo-random mask: a
+# bijection that costs exactly 0 bits and makes the bits the pops read independent of the data, so the latents
+# are drawn from q whatever the stack holds. The decoder applies the same XOR after pushing the latents back.
+# The region is sized from the pops' expected cost (+10 %), so masking reads no deeper than the pops themselves.
+# Measured (packaged model, 16 test tiles in one stage over plenty of random bits, T = 50): 4.273 bits/dim
+# unmasked, 4.178 masked, 4.150 with the latents drawn from fresh random numbers instead of the stack.
 MASK_BITS = 16
 MASK_MARGIN = 1.1
 

@@ -78,8 +78,8 @@ def topup_words(stage: int, n: int) -> np.ndarray:
 
 # A stage is planned to borrow at most HEADROOM·(estimated peak) + SLACK_BITS bits from the stack; if its pops
 # still come within SAFE_BITS of the bottom, it is coded again with more top-up words.
-HEADROOM = 1.15
-SLACK_BITS = 256
+HEADROOM = 1.05
+SLACK_BITS = 128
 SAFE_BITS = 64
 
 
@@ -160,32 +160,30 @@ def compress_images(images: Sequence[np.ndarray], model, params: CodingParams = 
         tiling.plane_channels(im.shape[0], C)  # raises for channel counts the model cannot code
     model.eval()
     chain = _chain(model, params)
-    tiles = tiling.plan_units([im.shape for im in chw], C, params.tile, params.warmup, warm_tiles=0)
+    tiles = tiling.plan_units([im.shape for im in chw], C, params.tile)
     per_dim = bitsback.deficit_bits_per_dim(chain)
     coder = constriction.stream.stack.AnsCoder(seed_words(0))
     net = _Network(model, chain, params.batch)
-    stages, topups, pending, next_tile, warm_tiles = [], [], [], 0, 0
+    budget = 0
+    plan = tiling.WarmupPlan(tiles, params.warmup, lambda u: _headroom(per_dim * C * u.h * u.w) > budget)
+    stages, topups, held = [], [], None
     bar = _bar(sum(u.h * u.w for u in tiles), "compressing", progress)
     with _deterministic(params.threads):
-        while pending or next_tile < len(tiles):
+        while True:
             budget, stage, need = coder.num_bits(), [], 0.0
             while True:
-                if not pending:
-                    if next_tile == len(tiles):
-                        break
-                    u = tiles[next_tile]
-                    next_tile += 1
-                    pending = [u]
-                    if next_tile - 1 == warm_tiles and _headroom(per_dim * C * u.h * u.w) > budget:
-                        pieces = tiling.split_unit(u, params.warmup)
-                        if len(pieces) > 1:  # the stack cannot lend a whole tile yet: code it in pieces
-                            pending, warm_tiles = pieces, warm_tiles + 1
-                u = pending[0]
+                u = held if held is not None else next(plan, None)
+                held = None
+                if u is None:
+                    break
                 more = per_dim * C * u.h * u.w
                 if stage and (len(stage) >= params.batch or _headroom(need + more) > budget):
+                    held = u  # for the next stage
                     break
-                stage.append(pending.pop(0))
+                stage.append(u)
                 need += more
+            if not stage:
+                break
             groups = [np.stack([tiling.extract(chw, stage[g], C) for g in idx]) for idx in _stage_groups(stage)]
             extra = max(0, math.ceil((_headroom(need) - budget) / 32))
             while True:  # normally once; again with more fresh bits if the estimate fell short
@@ -200,7 +198,7 @@ def compress_images(images: Sequence[np.ndarray], model, params: CodingParams = 
             bar.update(sum(u.h * u.w for u in stage))
     bar.close()
     fp = model_fingerprint(model)[:FINGERPRINT_BYTES]
-    return pack(Container(fp, params, 0, infos, stages, coder.get_compressed(), topups, warm_tiles))
+    return pack(Container(fp, params, 0, infos, stages, coder.get_compressed(), topups, plan.flags))
 
 
 def read_header(data: bytes) -> Container:
@@ -225,8 +223,11 @@ def decompress_images(data: bytes, model, progress: bool = False) -> list[Decode
     except ValueError as e:
         raise ModelMismatchError(str(e)) from None
     params = c.params
-    units = tiling.plan_units(shapes, C, params.tile, params.warmup, c.warm_tiles)
-    if sum(c.stages) != len(units) or min(c.stages, default=1) < 1 or c.warm_tiles > len(units):
+    try:
+        units = tiling.replay_units(tiling.plan_units(shapes, C, params.tile), params.warmup, c.splits)
+    except ValueError as e:
+        raise CodecFormatError(f"the warm-up split flags do not match the images ({e})") from None
+    if sum(c.stages) != len(units) or min(c.stages, default=1) < 1:
         raise CodecFormatError("the stage table does not match the images")
     model.eval()
     chain = _chain(model, params)

@@ -5,8 +5,9 @@ Layout (integers are unsigned LEB128 varints unless a size is given; multi-byte 
     magic        4 bytes  b"VDMC"
     version      1 byte   (1)
     fingerprint 16 bytes  first 16 bytes of the model's SHA-256 fingerprint (`fingerprint.py`)
-    steps, grid_bits, tile, warmup, batch, threads, seed_words, warm_tiles   8 varints (the coding parameters;
-                 seed_words: initial words of the ANS stack; warm_tiles: leading tiles cut into warm-up pieces)
+    steps, grid_bits, tile, warmup, batch, threads, seed_words   7 varints (the coding parameters; seed_words:
+                 the number of initial words of the ANS stack)
+    n_splits     varint, then the warm-up split flags (`tiling.WarmupPlan`), 8 per byte, least significant first
     n_runs       varint, then per run of consecutive images with equal entries: count (varint), mode
                  (1 byte: 0 grey H×W, 1 grey H×W×1, 2 RGB H×W×3), height, width (varints),
                  name length (varint) + UTF-8 name (64 unnamed 32×32 tiles take 7 bytes)
@@ -85,7 +86,7 @@ class Container:
     stages: list[int]
     payload: np.ndarray = field(repr=False)  # uint32 words
     topups: list[int] | None = None  # top-up words pushed before each stage (None: none)
-    warm_tiles: int = 1  # how many leading tiles are cut into warmup×warmup pieces
+    splits: list[bool] = field(default_factory=list)  # warm-up split flags (tiling.WarmupPlan)
 
     def __post_init__(self):
         if self.topups is None:
@@ -140,8 +141,9 @@ def pack(c: Container) -> bytes:
     if len(c.fingerprint) != FINGERPRINT_BYTES:
         raise ValueError("fingerprint must be 16 bytes")
     out += c.fingerprint
-    for v in (p.steps, p.grid_bits, p.tile, p.warmup, p.batch, p.threads, c.seed_words, c.warm_tiles):
+    for v in (p.steps, p.grid_bits, p.tile, p.warmup, p.batch, p.threads, c.seed_words):
         out += _varint(v)
+    out += _varint(len(c.splits)) + np.packbits(np.asarray(c.splits, dtype=bool), bitorder="little").tobytes()
     runs: list[list] = []
     for im in c.images:
         if runs and runs[-1][1] == im:
@@ -179,11 +181,13 @@ def unpack(data: bytes) -> Container:
     if version != VERSION:
         raise CodecFormatError(f"format version {version}; this vdm reads version {VERSION}")
     fingerprint = r.take(FINGERPRINT_BYTES)
-    vals = [r.varint(1 << 20) for _ in range(7)] + [r.varint(MAX_PIXELS)]
+    vals = [r.varint(1 << 20) for _ in range(7)]
     try:
         params = CodingParams(*vals[:6])
     except ValueError as e:
         raise CodecFormatError(f"bad coding parameters ({e})") from None
+    n_splits = r.varint(MAX_PIXELS)
+    splits = np.unpackbits(np.frombuffer(r.take((n_splits + 7) // 8), np.uint8), bitorder="little")[:n_splits]
     images, pixels = [], 0
     for _ in range(r.varint(1 << 20)):
         count = r.varint(MAX_PIXELS)
@@ -215,4 +219,4 @@ def unpack(data: bytes) -> Container:
         raise CodecFormatError("malformed payload (ends in a zero word)")
     if vals[6] + sum(topups) > len(payload):
         raise CodecFormatError("malformed header (more initial and top-up words than payload)")
-    return Container(fingerprint, params, vals[6], images, stages, payload, topups, vals[7])
+    return Container(fingerprint, params, vals[6], images, stages, payload, topups, splits.astype(bool).tolist())
