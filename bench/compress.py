@@ -154,7 +154,7 @@ def bench_tiles(args) -> None:
                               torch.Generator().manual_seed(args.seed)).numpy() / x[0].size
     net = 8 * len(data) / D
     print(f"\n{len(x)} test tiles 32×32×3 ({D} sub-pixels), T = {params.steps}, grid σ/2^{params.grid_bits}, "
-          f"warm-up tiles {params.warmup}, {len(c.stages)} stages; round trip exact: {exact}\n")
+          f"warm-up pieces down to {params.warmup}×{params.warmup}, {len(c.stages)} stages; round trip exact: {exact}\n")
     print("| quantity | bits per sub-pixel |")
     print("|---|---|")
     print(f"| net rate (whole file: header, initial bits, checksum) | {net:.4f} |")

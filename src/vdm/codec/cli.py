@@ -30,7 +30,8 @@ def register(subparsers) -> None:
                    help=f"latents are quantised to σ_t·2^-k; this is k (default {d.grid_bits})")
     p.add_argument("--tile", type=int, default=d.tile, help=f"tile side in pixels, 0 = whole images (default {d.tile})")
     p.add_argument("--warmup", type=int, default=d.warmup,
-                   help=f"side of the tiles the first tile is split into, to need fewer initial bits (default {d.warmup})")
+                   help="smallest side of the pieces the first tiles are cut into while the ANS stack is too small to lend a "
+                        f"whole tile's bits; 0 = no warm-up (default {d.warmup})")
     p.add_argument("--batch", type=int, default=d.batch, help=f"tiles per network call (default {d.batch})")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads; recorded in the file and reused to decode (default: torch's)")

@@ -61,7 +61,7 @@ class CodingParams:
     steps: int = 200  # T, the number of discrete steps of the latent chain (rate vs speed: bench/compress.py)
     grid_bits: int = 2  # k: latent z_t is quantised to a grid of width σ_t·2^−k
     tile: int = 32  # tile side in pixels; 0 codes every image plane whole
-    warmup: int = 8  # side of the tiles the first tile is cut into (fewer initial bits); 0 for none
+    warmup: int = 8  # smallest side of the warm-up pieces (tiling.WarmupPlan); 0 for no warm-up
     batch: int = 32  # units per network call (changing it can change float results, so it is recorded)
     threads: int = 1  # torch CPU threads of the network evaluations (recorded for the same reason)
 
