@@ -300,6 +300,16 @@ def test_image_table_stores_runs_of_equal_images_compactly():
     assert len(data) <= 4 + 1 + 16 + 7 + 1 + 2 * 6 + 11 + 2 + 4 + 4  # magic … runs, stages, one word, crc
 
 
+def test_header_keeps_top_ups_and_split_flags():
+    flags = [True, False, True, True, False, False, False, True, True, False, True]  # 11 flags: 2 bytes
+    c = container.Container(b"\3" * 16, FAST, 0, [container.ImageInfo(2, 8, 8)] * 3, [1, 2, 3],
+                            seed_words(5), [4, 0, 1], flags)
+    back = container.unpack(container.pack(c))
+    assert back.stages == [1, 2, 3] and back.topups == [4, 0, 1] and back.splits == flags
+    with pytest.raises(ValueError):
+        container.Container(b"\3" * 16, FAST, 0, [], [1, 2], seed_words(1), [0])  # one top-up count per stage
+
+
 def test_absurd_header_with_valid_checksum_is_refused(model):
     c = container.Container(b"\0" * 16, FAST, 2, [container.ImageInfo(2, 1 << 15, 1 << 15)], [1],
                             seed_words(2))
