@@ -164,6 +164,12 @@ def test_whole_file_rate_is_close_to_the_negative_elbo():
     np.testing.assert_array_equal(np.stack([o.pixels.transpose(2, 0, 1) for o in out]), x)
 
 
+def test_whole_planes_too_large_for_attention_are_refused(model):
+    big = np.zeros((300, 300), np.uint8)
+    with pytest.raises(ValueError, match="too large to code whole"):
+        compress_images([big], model, CodingParams(steps=2, tile=0, warmup=8, batch=1, threads=1))
+
+
 def test_a_stage_short_of_bits_is_coded_again_with_top_up_words(model, monkeypatch):
     """With a wildly optimistic estimate of the bits a stage borrows, the encoder still never lets a stage read
     past the bottom of the stack: it detects it and codes the stage again over fresh top-up words."""

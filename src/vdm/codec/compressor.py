@@ -79,6 +79,9 @@ def topup_words(stage: int, n: int) -> np.ndarray:
 # A stage is planned to borrow at most HEADROOM·(estimated peak) + SLACK_BITS bits from the stack; if its pops
 # still come within SAFE_BITS of the bottom, it is coded again with more top-up words.
 HEADROOM = 1.05
+# The score network's middle block attends over every pixel of a unit (cost quadratic in its pixels): units above
+# this many pixels (whole planes with --tile 0) would take hours per step, so they are refused up front.
+MAX_UNIT_PIXELS = 256 * 256
 SLACK_BITS = 128
 SAFE_BITS = 64
 
@@ -161,6 +164,11 @@ def compress_images(images: Sequence[np.ndarray], model, params: CodingParams = 
     model.eval()
     chain = _chain(model, params)
     tiles = tiling.plan_units([im.shape for im in chw], C, params.tile)
+    big = max(tiles, key=lambda u: u.h * u.w)
+    if big.h * big.w > MAX_UNIT_PIXELS:
+        raise ValueError(f"a {big.h}×{big.w} unit (image {big.image}) is too large to code whole: the network "
+                         f"attends over all its pixels; use tiles (e.g. tile=32) or units of at most "
+                         f"{MAX_UNIT_PIXELS} pixels")
     per_dim = bitsback.deficit_bits_per_dim(chain)
     coder = constriction.stream.stack.AnsCoder(seed_words(0))
     net = _Network(model, chain, params.batch)
