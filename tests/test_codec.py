@@ -31,6 +31,11 @@ from vdm.model import VDM
 FAST = CodingParams(steps=2, grid_bits=2, tile=8, warmup=4, batch=4, threads=1)
 
 
+def model_fp(model) -> bytes:
+    from vdm.codec.fingerprint import model_fingerprint
+    return model_fingerprint(model)[:container.FINGERPRINT_BYTES]
+
+
 def tiny(seed: int = 0, channels: int = 3) -> VDM:
     torch.manual_seed(seed)
     return VDM(n_embd=32, n_layer=1, image_size=8, channels=channels, dropout=0.0).eval()
@@ -166,8 +171,13 @@ def test_whole_file_rate_is_close_to_the_negative_elbo():
 
 def test_whole_planes_too_large_for_attention_are_refused(model):
     big = np.zeros((300, 300), np.uint8)
+    params = CodingParams(steps=2, tile=0, warmup=8, batch=1, threads=1)
     with pytest.raises(ValueError, match="too large to code whole"):
-        compress_images([big], model, CodingParams(steps=2, tile=0, warmup=8, batch=1, threads=1))
+        compress_images([big], model, params)
+    forged = container.Container(model_fp(model), params, 1, [container.ImageInfo(0, 300, 300)], [1],
+                                 seed_words(1))  # a header no encoder writes: refused, not a long hang
+    with pytest.raises(CodecFormatError, match="too large"):
+        decompress_images(container.pack(forged), model)
 
 
 def test_a_stage_short_of_bits_is_coded_again_with_top_up_words(model, monkeypatch):

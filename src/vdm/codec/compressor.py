@@ -79,11 +79,20 @@ def topup_words(stage: int, n: int) -> np.ndarray:
 # A stage is planned to borrow at most HEADROOM·(estimated peak) + SLACK_BITS bits from the stack; if its pops
 # still come within SAFE_BITS of the bottom, it is coded again with more top-up words.
 HEADROOM = 1.05
-# The score network's middle block attends over every pixel of a unit (cost quadratic in its pixels): units above
-# this many pixels (whole planes with --tile 0) would take hours per step, so they are refused up front.
-MAX_UNIT_PIXELS = 256 * 256
 SLACK_BITS = 128
 SAFE_BITS = 64
+# The score network's middle block attends over every pixel of a unit (cost quadratic in its pixels): units above
+# this many pixels (whole planes with --tile 0) would take hours per step, so they are refused up front, by the
+# encoder and by the decoder (a forged header must not make it hang).
+MAX_UNIT_PIXELS = 256 * 256
+
+
+def _check_unit_sizes(tiles: Sequence[tiling.Unit]) -> None:
+    big = max(tiles, key=lambda u: u.h * u.w)
+    if big.h * big.w > MAX_UNIT_PIXELS:
+        raise ValueError(f"a {big.h}×{big.w} unit (image {big.image}) is too large to code whole: the network "
+                         f"attends over all its pixels; use tiles (e.g. tile=32) or units of at most "
+                         f"{MAX_UNIT_PIXELS} pixels")
 
 
 def _headroom(bits: float) -> float:
@@ -164,11 +173,7 @@ def compress_images(images: Sequence[np.ndarray], model, params: CodingParams = 
     model.eval()
     chain = _chain(model, params)
     tiles = tiling.plan_units([im.shape for im in chw], C, params.tile)
-    big = max(tiles, key=lambda u: u.h * u.w)
-    if big.h * big.w > MAX_UNIT_PIXELS:
-        raise ValueError(f"a {big.h}×{big.w} unit (image {big.image}) is too large to code whole: the network "
-                         f"attends over all its pixels; use tiles (e.g. tile=32) or units of at most "
-                         f"{MAX_UNIT_PIXELS} pixels")
+    _check_unit_sizes(tiles)
     per_dim = bitsback.deficit_bits_per_dim(chain)
     coder = constriction.stream.stack.AnsCoder(seed_words(0))
     net = _Network(model, chain, params.batch)
@@ -231,8 +236,13 @@ def decompress_images(data: bytes, model, progress: bool = False) -> list[Decode
     except ValueError as e:
         raise ModelMismatchError(str(e)) from None
     params = c.params
+    tiles = tiling.plan_units(shapes, C, params.tile)
     try:
-        units = tiling.replay_units(tiling.plan_units(shapes, C, params.tile), params.warmup, c.splits)
+        _check_unit_sizes(tiles)
+    except ValueError as e:
+        raise CodecFormatError(f"implausible header: {e}") from None
+    try:
+        units = tiling.replay_units(tiles, params.warmup, c.splits)
     except ValueError as e:
         raise CodecFormatError(f"the warm-up split flags do not match the images ({e})") from None
     if sum(c.stages) != len(units) or min(c.stages, default=1) < 1:
@@ -261,7 +271,7 @@ def decompress_images(data: bytes, model, progress: bool = False) -> list[Decode
         rest = coder.get_compressed()
     except bitsback.CorruptStreamError as e:
         raise CodecFormatError(str(e)) from None
-    except (KeyboardInterrupt, SystemExit):
+    except (KeyboardInterrupt, SystemExit, CodecFormatError):
         raise
     except BaseException as e:  # constriction rejects an impossible stream (pyo3 panics are BaseExceptions)
         raise CodecFormatError(f"the payload does not decode ({type(e).__name__}: {e})") from None
