@@ -49,7 +49,6 @@ class _Gaussians:
 
     def __init__(self):
         self._cache: dict[int, object] = {}
-        self.uniform = _model.Uniform(2 ** ESCAPE_BITS)
 
     def __call__(self, R: int):
         if R not in self._cache:
@@ -70,6 +69,21 @@ def _split_mean(mean_bins: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return center.astype(np.int64), offset
 
 
+def push_words(coder, words: np.ndarray) -> None:
+    """Push uint32 `words` as pairs of uniform 16-bit symbols (exactly 32 bits each; `pop_words` inverts)."""
+    w = np.asarray(words, dtype=np.int64)
+    halves = np.stack([w & (2 ** ESCAPE_BITS - 1), w >> ESCAPE_BITS], axis=1).ravel().astype(np.int32)
+    coder.encode_reverse(halves, _model.Uniform(2 ** ESCAPE_BITS))
+
+
+def pop_words(coder, n: int) -> np.ndarray:
+    """Pop `n` uint32 words pushed by `push_words`."""
+    if n == 0:
+        return np.zeros(0, dtype=np.uint32)
+    halves = coder.decode(_model.Uniform(2 ** ESCAPE_BITS), 2 * n).astype(np.int64)
+    return (halves[0::2] | (halves[1::2] << ESCAPE_BITS)).astype(np.uint32)
+
+
 def push_gaussian(coder, models: _Gaussians, idx: np.ndarray, mean_bins: np.ndarray, std_bins: float,
                   escape: bool) -> None:
     """Push integer grid indices `idx` under N(mean_bins, std_bins²) quantised to unit bins.
@@ -86,9 +100,7 @@ def push_gaussian(coder, models: _Gaussians, idx: np.ndarray, mean_bins: np.ndar
         excess = np.abs(sym[outside]) - R
         if excess.max() >= 2 ** (2 * ESCAPE_BITS):
             raise ValueError("a latent lies absurdly far from its model's mean; cannot code it")
-        mask = 2 ** ESCAPE_BITS - 1
-        words = np.stack([excess & mask, excess >> ESCAPE_BITS], axis=1).ravel().astype(np.int32)
-        coder.encode_reverse(words, models.uniform)
+        push_words(coder, excess)
         sym = np.clip(sym, -R, R)
     stds = np.full(len(sym), std_bins)
     coder.encode_reverse(sym.astype(np.int32), models(R), offset, stds)
@@ -103,8 +115,7 @@ def pop_gaussian(coder, models: _Gaussians, mean_bins: np.ndarray, std_bins: flo
     if escape:
         edge = np.abs(sym) == R
         if edge.any():
-            words = coder.decode(models.uniform, 2 * int(edge.sum())).astype(np.int64)
-            excess = words[0::2] | (words[1::2] << ESCAPE_BITS)
+            excess = pop_words(coder, int(edge.sum())).astype(np.int64)
             sym[edge] = np.sign(sym[edge]) * (R + excess)
     return center + sym
 
@@ -204,9 +215,14 @@ MASK_BITS = 16
 MASK_MARGIN = 1.1
 
 
+def pop_bits(std_bins: float) -> float:
+    """≈ bits one pop of a Gaussian latent of std `std_bins` bins takes from the stack: log2(√(2πe)·std)."""
+    return math.log2(math.sqrt(2 * math.pi * math.e) * std_bins)
+
+
 def mask_words(n: int, std_bins: float) -> int:
     """How many MASK_BITS-bit words cover the stack region read by popping n latents of std `std_bins` bins."""
-    bits = max(0.0, math.log2(math.sqrt(2 * math.pi * math.e) * std_bins))
+    bits = max(0.0, pop_bits(std_bins))
     return int(math.ceil((MASK_MARGIN * bits * n + 24) / MASK_BITS))
 
 
@@ -216,21 +232,6 @@ def mask_stack(coder, step: int, k: int) -> None:
     words = coder.decode(uniform, k).astype(np.int64)
     mask = np.random.default_rng([0x5EED, step, k]).integers(0, 1 << MASK_BITS, k)
     coder.encode_reverse((words ^ mask).astype(np.int32), uniform)
-
-
-def push_words(coder, words: np.ndarray) -> None:
-    """Push uint32 `words` as pairs of uniform 16-bit symbols (exactly 32 bits each; `pop_words` inverts)."""
-    w = np.asarray(words, dtype=np.int64)
-    halves = np.stack([w & 0xFFFF, w >> 16], axis=1).ravel().astype(np.int32)
-    coder.encode_reverse(halves, _model.Uniform(2 ** ESCAPE_BITS))
-
-
-def pop_words(coder, n: int) -> np.ndarray:
-    """Pop `n` uint32 words pushed by `push_words`."""
-    if n == 0:
-        return np.zeros(0, dtype=np.uint32)
-    halves = coder.decode(_model.Uniform(2 ** ESCAPE_BITS), 2 * n).astype(np.int64)
-    return (halves[0::2] | (halves[1::2] << 16)).astype(np.uint32)
 
 
 def encode_stage(coder, chain: Chain, eps_fn: EpsFn, groups: Sequence[np.ndarray], vocab: int = 256) -> int:
@@ -290,5 +291,5 @@ def deficit_bits_per_dim(chain: Chain) -> float:
     """Estimated peak number of bits a stage borrows from the stack per dimension: two latent pops in flight,
     each ≈ log2(√(2πe)·std/δ) bits (used to size stages and their top-ups; not needed for correctness)."""
     ratios = [chain.sigma[0] / chain.delta[0]] + [chain.q_std[i] / chain.delta[i] for i in range(1, chain.T + 1)]
-    h = [math.log2(math.sqrt(2 * math.pi * math.e) * r) for r in ratios]
+    h = [pop_bits(r) for r in ratios]
     return max(h[i] + h[i + 1] for i in range(len(h) - 1))
