@@ -169,6 +169,11 @@ def test_whole_file_rate_is_close_to_the_negative_elbo():
     np.testing.assert_array_equal(np.stack([o.pixels.transpose(2, 0, 1) for o in out]), x)
 
 
+def test_zero_size_images_are_refused_before_coding(model):
+    with pytest.raises(ValueError, match="zero size"):
+        compress_images([np.zeros((0, 5, 3), np.uint8)], model, FAST)
+
+
 def test_whole_planes_too_large_for_attention_are_refused(model):
     big = np.zeros((300, 300), np.uint8)
     params = CodingParams(steps=2, tile=0, warmup=8, batch=1, threads=1)

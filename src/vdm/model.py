@@ -180,6 +180,7 @@ class VDM(nn.Module):
         z_1 = prior_latent(self, n, image_size=image_size, generator=generator)
         return ancestral_sample(self, z_1, steps, generator=generator, progress=progress)
 
+
 def _check_images(x: Tensor, config: VDMConfig) -> None:
     if x.dim() != 4:
         raise ValueError(f"x must be (B, C, H, W), got shape {tuple(x.shape)}")

@@ -9,9 +9,10 @@ from pathlib import Path
 
 from vdm.checkpoint import atomic_write
 
-DEFAULTS_NOTE = ("The defaults (T = 200 steps, a σ/4 grid, 32-pixel tiles, 8-pixel warm-up tiles) were chosen "
+DEFAULTS_NOTE = ("The defaults (T = 200 steps, a σ/4 grid, 32-pixel tiles, warm-up pieces down to 8×8) were chosen "
                  "from measurements of rate against speed; see bench/compress.py (with the packaged model on 64 "
-                 "test tiles: T = 200 gives 3.97 bits per sub-pixel at about 400 pixels/s, T = 50 gives 7.24 at about 550).")
+                 "test tiles, one thread: T = 200 gives 3.844 bits per sub-pixel at about 300 pixels/s, T = 50 "
+                 "gives 4.185 at about 1,350).")
 
 
 def register(subparsers) -> None:

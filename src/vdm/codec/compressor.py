@@ -47,6 +47,8 @@ def image_mode(img: np.ndarray) -> int:
     """The container mode of an array: 0 grey (H, W), 1 grey (H, W, 1), 2 colour (H, W, 3)."""
     if img.dtype != np.uint8:
         raise ValueError(f"images must be uint8, got {img.dtype}")
+    if img.ndim in (2, 3) and min(img.shape[:2]) < 1:
+        raise ValueError(f"an image has zero size ({img.shape}); the file format cannot hold it")
     if img.ndim == 2:
         return 0
     if img.ndim == 3 and img.shape[2] in (1, 3):
