@@ -62,9 +62,11 @@ def score_net(p, config, z, g_t):
     n_embd = config["sm_n_embd"]
     t = (g_t - config["gamma_min"]) / (config["gamma_max"] - config["gamma_min"])
     half = n_embd // 2
-    freqs = np.exp(np.arange(half, dtype=np.float32) * np.float32(-math.log(10000) / (half - 1)))
-    arg = (t * 1000.0).astype(np.float32)[:, None] * freqs[None]
-    temb = np.concatenate([np.sin(arg), np.cos(arg)], 1).astype(np.float64)
+    # the official code rounds 1000·t to float32 (`timesteps.astype(float32)`); its frequencies
+    # (float32 arange times a float64 NumPy scalar) and sines are float64 when JAX runs in float64
+    freqs = np.exp(np.arange(half, dtype=np.float32) * np.float64(-math.log(10000) / (half - 1)))
+    arg = (t * 1000.0).astype(np.float32).astype(np.float64)[:, None] * freqs[None]
+    temb = np.concatenate([np.sin(arg), np.cos(arg)], 1)
     cond = np.concatenate([temb, np.zeros((z.shape[0], 1))], 1)
     cond = swish(cond @ P["dense0/kernel"] + P["dense0/bias"])
     cond = swish(cond @ P["dense1/kernel"] + P["dense1/bias"])

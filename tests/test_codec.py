@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
 import subprocess
@@ -72,6 +73,16 @@ class WienerVDM(VDM):
 
 
 # --- round trips --------------------------------------------------------------------------------------------
+def test_conditioned_round_trip_decodes_with_the_conditioning_from_the_file(model):
+    """A file coded with conditioning 1 decodes exactly, and its bits differ from those of conditioning 0, so
+    the decoder must have used the recorded value (the tiny model's network reads its conditioning input)."""
+    images = some_images(1)[:1]
+    coded = compress_images(images, model, dataclasses.replace(FAST, conditioning=1.0))
+    assert container.unpack(coded).params.conditioning == 1.0
+    np.testing.assert_array_equal(decompress_images(coded, model)[0].pixels, images[0])
+    assert coded != compress_images(images, model, FAST)
+
+
 def test_round_trip_colour_grey_odd_sizes_in_one_file(model, packed):
     out = decompress_images(packed, model)
     for original, decoded in zip(some_images(), out):
@@ -318,7 +329,21 @@ def test_image_table_stores_runs_of_equal_images_compactly():
     c = container.Container(b"\2" * 16, FAST, 1, infos, [65], seed_words(1))
     data = container.pack(c)
     assert container.unpack(data).images == infos
-    assert len(data) <= 4 + 1 + 16 + 7 + 1 + 2 * 6 + 11 + 2 + 4 + 4  # magic … runs, stages, one word, crc
+    # magic, version, fingerprint, 7 parameters, conditioning, splits, runs, stages, one word, crc
+    assert len(data) <= 4 + 1 + 16 + 7 + 8 + 1 + 2 * 6 + 11 + 2 + 4 + 4
+
+
+def test_conditioning_round_trips_and_old_versions_are_named():
+    infos = [container.ImageInfo(2, 4, 4)]
+    params = container.CodingParams(steps=3, conditioning=1.0)
+    data = container.pack(container.Container(b"\2" * 16, params, 1, infos, [1], seed_words(1)))
+    assert container.unpack(data).params.conditioning == 1.0
+    old = bytearray(data)
+    old[4] = 2
+    with pytest.raises(CodecFormatError, match="version 2.*older vdm"):
+        container.unpack(_recrc(bytes(old)))
+    with pytest.raises(ValueError, match="conditioning"):
+        container.CodingParams(conditioning=float("nan"))
 
 
 def test_header_keeps_top_ups_and_split_flags():

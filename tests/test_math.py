@@ -51,9 +51,43 @@ def test_schedule_initialisations_follow_the_paper():
     torch.testing.assert_close(FixedLinearSchedule()(t).double(), expected)
     torch.testing.assert_close(LearnedLinearSchedule().double()(t), expected)
     nnet = MonotoneNetSchedule().double()
+    # official init: l1 = (γ_max − γ_min)·t + γ_min exactly, plus the l2/l3 term of N(0, 0.01²) kernels, which
+    # moves the endpoints by at most Σ|w₃|·|φ(|w₂|)|/n ≤ max|w₃|·max|w₂| ≈ 1e-3
+    assert (nnet.l1_weight.item(), nnet.l1_bias.item()) == (18.3, -13.3)
+    bound = (nnet.l3_weight.abs().max() * nnet.l2_weight.abs().max()).item()
     g0, g1 = nnet.endpoints()
-    assert (g0.item(), g1.item()) == (-13.3, 5.0)
+    assert abs(g0.item() + 13.3) <= bound and abs(g1.item() - 5.0) <= bound
     assert torch.all(torch.diff(nnet(torch.linspace(0, 1, 101))) > 0)
+
+
+def test_monotone_network_is_the_official_network_and_increasing():
+    """γ(t) = g(t) exactly (no stored endpoints); any weights, even negative ones, give γ(0) < γ(1)."""
+    torch.manual_seed(1)
+    nnet = MonotoneNetSchedule(n_features=16).double()
+    with torch.no_grad():
+        for p in nnet.parameters():
+            p.copy_(torch.randn_like(p) * 3)
+    t = torch.linspace(0, 1, 257, dtype=torch.float64)
+    w2, w3 = nnet.l2_weight.abs(), nnet.l3_weight.abs()
+    phi = 2 * (torch.sigmoid(w2 * (2 * t[:, None] - 1) + nnet.l2_bias) - 0.5)
+    g = nnet.l1_weight.abs() * t + nnet.l1_bias + (phi * w3).sum(-1) / 16
+    torch.testing.assert_close(nnet(t), g, rtol=1e-14, atol=1e-13)
+    assert torch.all(torch.diff(nnet(t)) > 0)
+
+
+def test_model_files_with_stored_endpoints_still_load():
+    """Older model files stored γ₀, γ₁ apart from the network; they load as the same γ(t)."""
+    torch.manual_seed(2)
+    nnet = MonotoneNetSchedule(n_features=8).double()
+    old = {k: v.clone() for k, v in nnet.state_dict().items()}
+    old["gamma_0"], old["gamma_1"] = torch.tensor(-11.0, dtype=torch.float64), torch.tensor(4.0, dtype=torch.float64)
+    t = torch.linspace(0, 1, 33, dtype=torch.float64)
+    g, _ = nnet.net(t)
+    g0, g1 = nnet.net(torch.tensor([0.0, 1.0], dtype=torch.float64))[0]
+    expected = -11.0 + 15.0 * (g - g0) / (g1 - g0)  # the old parametrisation, γ₀ + (γ₁ − γ₀)·s(t)
+    fresh = MonotoneNetSchedule(n_features=8).double()
+    fresh.load_state_dict(old)
+    torch.testing.assert_close(fresh(t), expected, rtol=1e-13, atol=1e-13)
 
 
 def test_unknown_schedule_is_named():
@@ -223,9 +257,16 @@ def test_continuous_loss_is_invariant_to_the_schedule_shape(gaussian_data):
     for kind in ("fixed_linear", "learned_nnet"):
         model = gaussian_model(s2, kind)
         if kind == "learned_nnet":
-            with torch.no_grad():  # a strongly curved shape with the same endpoints
-                model.gamma.l2_weight.mul_(4)
-                model.gamma.l3_weight.mul_(20)
+            g = model.gamma
+            with torch.no_grad():  # a strongly curved shape, then l1 and l3 rescaled to the same endpoints
+                g.l2_weight.mul_(400)
+                g.l3_weight.mul_(3000)
+                g0, g1 = g.endpoints()
+                a = 18.3 / (g1 - g0)
+                g.l1_bias.copy_(-13.3 + a * (g.l1_bias - g0))
+                g.l1_weight.copy_(a * g.l1_weight.abs())
+                g.l3_weight.copy_(a * g.l3_weight.abs())
+                torch.testing.assert_close(torch.stack(g.endpoints()), torch.tensor([-13.3, 5.0], dtype=g0.dtype))
             t = torch.linspace(0, 1, 11)
             assert (model.gamma(t) - (-13.3 + 18.3 * t)).abs().max() > 1.0
         with torch.no_grad():
@@ -272,15 +313,17 @@ def test_discrete_time_loss_through_the_model(gaussian_data):
 
 # --- variance minimisation ------------------------------------------------------------------------------
 def test_variance_minimisation_gradient_is_that_of_the_second_moment():
-    """With variance minimisation, the shape parameters get ∂ mean(L_diff²)/∂η and the endpoints the VLB
-    gradient ∂ mean(L)/∂(γ₀, γ₁)."""
+    """With variance minimisation, the gradient that reaches the schedule's parameters through the shape
+    s(t) is ∂ mean(L_diff²) (the second moment) and the one through the endpoints γ₀, γ₁ is the VLB's."""
     torch.manual_seed(0)
     x = torch.randint(0, 256, (6, 3, 8, 8))
     t, eps, eps_0 = torch.rand(6), torch.randn(6, 3, 8, 8), torch.randn(6, 3, 8, 8)
     model = VDM(image_size=8, n_embd=32, n_layer=1, dropout=0.0, gamma_type="learned_nnet").double()
-    with torch.no_grad():  # make the network's output depend on the conditioning
+    with torch.no_grad():  # make the network's output depend on the conditioning; a curved schedule
         for p in model.score_model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
+        model.gamma.l2_weight.mul_(300)
+        model.gamma.l3_weight.mul_(300)
     sched = model.gamma
 
     def grads(loss):
@@ -288,15 +331,21 @@ def test_variance_minimisation_gradient_is_that_of_the_second_moment():
         loss.backward()
         return {n: p.grad.clone() for n, p in sched.named_parameters()}
 
+    def detached(method):
+        return lambda *a: tuple(v.detach() for v in method(*a))
+
     model.config.variance_minimisation = False
+    sched.shape = detached(sched.shape)  # the gradient through the endpoints only
     out = model.loss(x, t, eps, eps_0)
-    plain = grads((out["prior"] + out["recon"] + out["diff"]).mean())
-    second_moment = grads(model.loss(x, t, eps, eps_0)["diff"].square().mean())
+    through_endpoints = grads((out["prior"] + out["recon"] + out["diff"]).mean())
+    del sched.shape
+    sched.endpoints = detached(sched.endpoints)  # the gradient through the shape only
+    through_shape = grads(model.loss(x, t, eps, eps_0)["diff"].square().mean())
+    del sched.endpoints
     model.config.variance_minimisation = True
     out = model.loss(x, t, eps, eps_0)
     varmin = grads((out["prior"] + out["recon"] + out["diff"]).mean())
-    for name in ("gamma_0", "gamma_1"):
-        torch.testing.assert_close(varmin[name], plain[name])
+    for name in ("l1_weight", "l1_bias", "l2_weight", "l2_bias", "l3_weight"):
+        torch.testing.assert_close(varmin[name], through_endpoints[name] + through_shape[name])
     for name in ("l1_weight", "l2_weight", "l2_bias", "l3_weight"):
-        torch.testing.assert_close(varmin[name], second_moment[name])
-        assert varmin[name].abs().max() > 0
+        assert through_shape[name].abs().max() > 0 and through_endpoints[name].abs().max() > 0

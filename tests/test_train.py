@@ -320,7 +320,7 @@ def test_two_processes_match_one(tiny, folder, tmp_path):
     steps = 3
     config_file = tmp_path / "tiny.toml"
     config_file.write_text(tiny_toml(folder))
-    settings = ["model.dropout=0.0", "data.test_images=0", "optim.eps=1e-3"]
+    settings = ["model.dropout=0.0", "data.test_images=0", "optim.eps=1e-3", "data.augment=flip_rot90"]
     overrides = [a for s in settings for a in ("--set", s)]
     two = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",

@@ -36,6 +36,7 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual permissions
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -45,22 +46,45 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         raise
 
 
-def save_model(model: VDM, path: str | os.PathLike, state_dict: dict | None = None) -> None:
-    """Write `model` (or the given `state_dict` with model's config, e.g. EMA weights) as one model file."""
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def save_model(model: VDM, path: str | os.PathLike, state_dict: dict | None = None, *,
+               source: dict | None = None) -> None:
+    """Write `model` (or the given `state_dict` with model's config, e.g. EMA weights) as one model file;
+    `source` (JSON-serialisable) records where the weights came from, e.g. an official checkpoint."""
     sd = state_dict if state_dict is not None else model.state_dict()
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
     meta = {"format": FORMAT, "version": VERSION, "config": json.dumps(model.config.to_dict())}
+    if source is not None:
+        meta["source"] = json.dumps(source, sort_keys=True)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def read_source(path: str | os.PathLike) -> dict | None:
+    """Where the weights of a model file came from (e.g. an official checkpoint), or None if not recorded."""
+    meta = _metadata(Path(path))
+    try:
+        return json.loads(meta["source"]) if "source" in meta else None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: bad source record in metadata ({e})") from None
+
+
+def _metadata(path: Path) -> dict:
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return fh.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def read_config(path: str | os.PathLike) -> VDMConfig:
     """The VDMConfig stored in a model file."""
     path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    meta = _metadata(path)
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a vdm model file (metadata format {meta.get('format')!r})")
     if meta.get("version") != VERSION:
@@ -72,7 +96,7 @@ def read_config(path: str | os.PathLike) -> VDMConfig:
 
 
 def load_model_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> VDM:
-    """A VDM from one model file (config from its metadata, weights checked strictly)."""
+    """A VDM from one model file (config from its metadata, weights checked strictly), in eval mode."""
     config = read_config(path)
     model = VDM(config)
     try:
@@ -80,7 +104,7 @@ def load_model_file(path: str | os.PathLike, map_location: str | torch.device = 
         model.load_state_dict(sd, strict=True)
     except (SafetensorError, RuntimeError, OSError) as e:
         raise CheckpointError(f"{path}: weights do not fit the stored config ({e})") from None
-    return model.to(map_location)
+    return model.to(map_location).eval()
 
 
 def resolve_model_path(path: str | os.PathLike, prefer_ema: bool = True) -> Path:
@@ -113,5 +137,6 @@ def resolve_model_path(path: str | os.PathLike, prefer_ema: bool = True) -> Path
 
 
 def load_model(path: str | os.PathLike, *, prefer_ema: bool = True, map_location="cpu") -> VDM:
-    """Load a VDM from a model file, checkpoint directory or run directory (see `resolve_model_path`)."""
+    """Load a VDM, in eval mode, from a model file, checkpoint directory or run directory (see
+    `resolve_model_path`)."""
     return load_model_file(resolve_model_path(path, prefer_ema), map_location)

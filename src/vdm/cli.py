@@ -11,6 +11,7 @@ COMMAND_MODULES = [
     "vdm.commands",  # eval, sample, plot
     "vdm.train.cli",  # train
     "vdm.codec.cli",  # compress, decompress
+    "vdm.convert_cli",  # convert
 ]
 
 

@@ -49,6 +49,12 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="test", help="dataset split (default: %(default)s)")
 
 
+def _add_conditioning(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--conditioning", type=float, default=0.0, metavar="C",
+                   help="the network's conditioning input: 0 (default) for un-augmented images; models trained "
+                        "with augmentation conditioning (e.g. the official cifar10_aug) took 1 for augmented ones")
+
+
 def _load(target: str, device: str):
     try:
         return load_model(target, map_location=device)
@@ -140,6 +146,7 @@ def _register_eval(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (faster, less exact)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the text line")
+    _add_conditioning(p)
     p.set_defaults(func=_guarded(cmd_eval))
 
 
@@ -151,7 +158,7 @@ def cmd_eval(args) -> int:
     model = _load(args.target, args.device)
     x, name = load_images(args, model, limit=args.limit)
     r = evaluate(model, x, steps=args.steps, time_samples=args.time_samples, batch_size=args.batch_size,
-                 seed=args.seed, progress=True, bf16=args.bf16)
+                 seed=args.seed, progress=True, bf16=args.bf16, conditioning=args.conditioning)
     if args.json:
         out = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
         out.update(data=name, split=args.split, seed=args.seed,

@@ -48,6 +48,12 @@ class DataConfig:
     root: str | None = None  # dataset files (None: the dataset's default; photos are embedded)
     test_split: str = "test"  # split used for the periodic test bpd
     test_images: int = 256  # size of the fixed test subset evaluated with the EMA weights (0 = no test)
+    augment: str = "none"  # none, flip_rot90 or flip_rot90_channels: augmentation with conditioning (official
+    # cifar10_aug pipelines; the network is told which images were augmented, see vdm.train.augment)
+
+    def __post_init__(self):
+        from vdm.train.augment import check_augmentation
+        check_augmentation(self.augment)
 
 
 @dataclass

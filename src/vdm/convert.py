@@ -8,6 +8,7 @@ Flax layouts: Dense kernels are (in, out); Conv kernels are (kh, kw, in, out).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -132,58 +133,71 @@ def from_official(params: Mapping[str, np.ndarray], config: Mapping, *, image_si
                   dtype: torch.dtype = torch.float32) -> VDM:
     """A `VDM` holding the official parameters `params` ('/'-joined flax paths → arrays) for the official
     `config` (a mapping with the official `VDMConfig` field names). Every array must be used and every
-    parameter of the model filled; anything else raises `ConversionError` naming the offending path."""
-    params = {k.removeprefix("param/"): np.asarray(v) for k, v in params.items()}
+    parameter of the model filled; anything else raises `ConversionError` naming the offending path.
+    Each array is copied straight into the model, so conversion holds one copy of the weights beside `params`."""
+    params = {k.removeprefix("param/"): v for k, v in params.items()}
     if "params/score_model/conv_out/kernel" not in params:
         raise ConversionError("params has no 'params/score_model/conv_out/kernel': not an official VDM checkpoint")
-    channels = params["params/score_model/conv_out/kernel"].shape[-1]
+    channels = np.shape(params["params/score_model/conv_out/kernel"])[-1]
     cfg = config_from_official(config, channels, image_size)
+    model = VDM(cfg)
     if cfg.gamma_type == "learned_nnet":
-        n_features = params.get("params/gamma/l2/kernel", np.zeros((1, 1024))).shape[-1]
-        model = VDM(cfg)
+        n_features = np.shape(params.get("params/gamma/l2/kernel", np.zeros((1, 1024))))[-1]
         if n_features != model.gamma.n_features:
             from vdm.schedule import MonotoneNetSchedule
             model.gamma = MonotoneNetSchedule(cfg.gamma_min, cfg.gamma_max, n_features)
-    else:
-        model = VDM(cfg)
     model = model.to(dtype)
 
     mapping = parameter_map(cfg)
     unexpected = sorted(set(params) - set(mapping))
     missing = sorted(set(mapping) - set(params))
     if unexpected or missing:
-        raise ConversionError(f"official parameters do not match the config: missing {missing[:5]}"
-                              f"{'…' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                              f"{'…' if len(unexpected) > 5 else ''}")
+        raise ConversionError(f"official parameters do not match the config ({_describe(cfg)}): "
+                              f"missing {_few(missing)}, unexpected {_few(unexpected)}")
     state = model.state_dict()
-    new_state = {}
-    for path, (name, transform) in mapping.items():
-        value = torch.from_numpy(np.array(transform(params[path]), order="C"))
-        if tuple(value.shape) != tuple(state[name].shape):
-            raise ConversionError(f"{path}: shape {tuple(params[path].shape)} does not fit {name} "
-                                  f"{tuple(state[name].shape)}")
-        new_state[name] = value.to(dtype)
-    if cfg.gamma_type == "learned_nnet":
-        _set_nnet_endpoints(model, new_state)
-    left = sorted(set(state) - set(new_state) - _buffers(model))
+    left = set(state) - _buffers(model) - {name for name, _ in mapping.values()}
     if left:
-        raise ConversionError(f"no official parameter for {left}")
-    model.load_state_dict({**state, **new_state})
+        raise ConversionError(f"no official parameter for {sorted(left)}")
+    with torch.no_grad():
+        for path, (name, transform) in mapping.items():
+            value = np.asarray(transform(np.asarray(params[path])))
+            if tuple(value.shape) != tuple(state[name].shape):
+                raise ConversionError(f"{path}: shape {tuple(np.shape(params[path]))} does not fit {name} "
+                                      f"{tuple(state[name].shape)} of the config ({_describe(cfg)})")
+            state[name].copy_(torch.from_numpy(np.array(value, order="C")))
     return model
+
+
+def _few(names: list[str]) -> str:
+    return f"[{', '.join(names[:5])}{', …' if len(names) > 5 else ''}]" if names else "none"
+
+
+def _describe(cfg: VDMConfig) -> str:
+    return (f"{cfg.gamma_type}, n_embd {cfg.n_embd}, n_layer {cfg.n_layer}, "
+            f"attention {'on' if cfg.attention else 'off'}, {cfg.channels} channels")
 
 
 def _buffers(model: VDM) -> set[str]:
     return {name for name, _ in model.named_buffers()}
 
 
-def _set_nnet_endpoints(model: VDM, state: dict) -> None:
-    """γ₀ = g(0), γ₁ = g(1) of the official network, computed in float64, so that γ(t) = g(t)."""
-    from vdm.schedule import MonotoneNetSchedule
+def convert_checkpoint(path, config: str | Mapping, *, tree: str = "ema_params", image_size: int | None = None,
+                       dtype: torch.dtype = torch.float32) -> tuple[VDM, dict]:
+    """(model, provenance) from an official checkpoint file (`<prefix>.flax`, the prefix itself, or a
+    directory: see `vdm.flax_checkpoint.resolve_checkpoint_path`) and an official configuration (a name from
+    `vdm.official_configs.OFFICIAL_CONFIGS`, a JSON file, or a mapping of official `config.model` fields).
+    `tree` is "ema_params" (what the official evaluation uses) or "params". Only that tree is read."""
+    from vdm.flax_checkpoint import read_parameters, resolve_checkpoint_path
+    from vdm.official_configs import official_config
 
-    tmp = MonotoneNetSchedule(n_features=model.gamma.n_features).double()
-    with torch.no_grad():
-        for key in ("l1_weight", "l1_bias", "l2_weight", "l2_bias", "l3_weight"):
-            getattr(tmp, key).copy_(state[f"gamma.{key}"].double())
-        g, _ = tmp.net(torch.tensor([0.0, 1.0], dtype=torch.float64))
-    state["gamma.gamma_0"] = g[0].to(state["gamma.l1_bias"].dtype)
-    state["gamma.gamma_1"] = g[1].to(state["gamma.l1_bias"].dtype)
+    if isinstance(config, str):
+        fields, size = official_config(config)
+        config_name = config if "/" not in config and not config.endswith(".json") else Path(config).name
+    else:
+        fields, size, config_name = dict(config), None, None
+    file = resolve_checkpoint_path(path)
+    step, params = read_parameters(file, tree)
+    model = from_official(params, fields, image_size=image_size or size, dtype=dtype)
+    source = {"from": "official google-research/vdm checkpoint", "file": file.name, "step": step,
+              "params": tree, "config": config_name, "official_config": fields}
+    return model, source

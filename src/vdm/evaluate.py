@@ -55,13 +55,15 @@ def evaluation_mode(model: VDM, steps: int) -> Iterator[VDM]:
 
 @torch.no_grad()
 def image_losses(model: VDM, data: np.ndarray | Tensor, *, steps: int = 0, time_samples: int = 1,
-                 batch_size: int = 64, seed: int = 0, progress: bool = True, bf16: bool = False) -> np.ndarray:
+                 batch_size: int = 64, seed: int = 0, progress: bool = True, bf16: bool = False,
+                 conditioning: float = 0.0) -> np.ndarray:
     """Per-image loss terms in bits per dimension, each the mean over `time_samples` draws: (N, 3) float64.
 
     Columns are prior, reconstruction and diffusion (`COMPONENTS`); their row sum is the image's negative VLB
     in bits per dimension. `steps` = 0 uses the continuous-time diffusion loss, `steps` = T > 0 the T-step
     discrete-time loss. `data` holds integer images (N, C, H, W). `batch_size` counts network evaluations
-    (image × draw) per forward pass.
+    (image × draw) per forward pass. `conditioning` is the network's conditioning input (0: un-augmented
+    images of an augmentation-conditioned model, and every other model).
     """
     if steps < 0 or time_samples < 1 or batch_size < 1:
         raise ValueError("steps must be ≥ 0, time_samples and batch_size ≥ 1")
@@ -81,7 +83,7 @@ def image_losses(model: VDM, data: np.ndarray | Tensor, *, steps: int = 0, time_
             eps = torch.cat([d[1] for d in draws])
             eps_0 = torch.cat([d[2] for d in draws])
             x = data[start:start + len(idx)].repeat_interleave(K, dim=0)
-            terms = _loss_terms(model, x, t, eps, eps_0, batch_size)  # (len(idx)·K, 3) nats
+            terms = _loss_terms(model, x, t, eps, eps_0, batch_size, conditioning)  # (len(idx)·K, 3) nats
             bpd = bits_per_dim(terms, model.num_dims(x)).view(len(idx), K, -1).mean(1)
             out[start:start + len(idx)] = bpd.double().numpy()
             bar.update(len(idx))
@@ -89,13 +91,15 @@ def image_losses(model: VDM, data: np.ndarray | Tensor, *, steps: int = 0, time_
     return out
 
 
-def _loss_terms(model: VDM, x: Tensor, t: Tensor, eps: Tensor, eps_0: Tensor, batch_size: int) -> Tensor:
+def _loss_terms(model: VDM, x: Tensor, t: Tensor, eps: Tensor, eps_0: Tensor, batch_size: int,
+                conditioning: float = 0.0) -> Tensor:
     """model.loss on rows of (x, t, ε, ε₀) in batches of `batch_size`: (rows, 3) float64 nats on the CPU."""
     dev = model.device
     rows = []
     for b in range(0, x.shape[0], batch_size):
         sl = slice(b, b + batch_size)
-        out = model.loss(x[sl].to(dev), t[sl].to(dev), eps[sl].to(dev), eps_0[sl].to(dev))
+        cond = torch.full((len(x[sl]),), float(conditioning), device=dev, dtype=model.dtype)
+        out = model.loss(x[sl].to(dev), t[sl].to(dev), eps[sl].to(dev), eps_0[sl].to(dev), conditioning=cond)
         rows.append(torch.stack([out[c].double() for c in COMPONENTS], dim=1).cpu())
     return torch.cat(rows)
 
@@ -152,7 +156,8 @@ def summarise(terms: np.ndarray, *, steps: int = 0, time_samples: int = 1) -> di
 
 
 def evaluate(model: VDM, data: np.ndarray | Tensor, *, steps: int = 0, time_samples: int = 1,
-             batch_size: int = 64, seed: int = 0, progress: bool = True, bf16: bool = False) -> dict:
+             batch_size: int = 64, seed: int = 0, progress: bool = True, bf16: bool = False,
+             conditioning: float = 0.0) -> dict:
     """The test-set negative VLB of `model` on integer images `data` (N, C, H, W), in bits per dimension.
 
     Returns {"bpd", "bpd_sem" (standard error over images), "prior", "recon", "diff" (mean terms, bits per
@@ -160,7 +165,7 @@ def evaluate(model: VDM, data: np.ndarray | Tensor, *, steps: int = 0, time_samp
     without gradients; the model is left as it was. Deterministic for a given `seed`.
     """
     terms = image_losses(model, data, steps=steps, time_samples=time_samples, batch_size=batch_size,
-                         seed=seed, progress=progress, bf16=bf16)
+                         seed=seed, progress=progress, bf16=bf16, conditioning=conditioning)
     return summarise(terms, steps=steps, time_samples=time_samples)
 
 

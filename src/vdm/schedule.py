@@ -4,9 +4,10 @@ Every schedule is written as
 
     γ(t) = γ₀ + (γ₁ − γ₀)·s(t),   s(0) = 0,  s(1) = 1,  s non-decreasing,
 
-so that the endpoints (γ₀, γ₁), which set the VLB, are parameters apart from the interior shape s, whose
-parameters are trained to minimise the variance of the diffusion-loss estimator (paper, appendix on variance
-minimisation; the continuous-time loss does not depend on the shape in expectation, section 5).
+so that the endpoints (γ₀, γ₁), which set the VLB, are apart from the interior shape s, which can be trained
+to minimise the variance of the diffusion-loss estimator (paper, appendix on variance minimisation; the
+continuous-time loss does not depend on the shape in expectation, section 5): the gradient that reaches the
+parameters through s is replaced by that of the estimator's second moment (`shape_grad_hook`).
 
 Each schedule returns γ(t) and its time derivative γ'(t) in one pass (`gamma_and_derivative`), so the
 continuous-time loss never needs a second network evaluation or a Jacobian-vector product.
@@ -32,10 +33,6 @@ class Schedule(nn.Module):
     def shape(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """(s(t), s'(t)), each the shape of `t`; identity for linear schedules."""
         return t, torch.ones_like(t)
-
-    def shape_parameters(self) -> list[nn.Parameter]:
-        """Parameters of s(t) (trained for low variance, not for the VLB)."""
-        return []
 
     def gamma_and_derivative(self, t: Tensor, shape_grad_hook: Callable[[Tensor], Tensor] | None = None
                              ) -> tuple[Tensor, Tensor]:
@@ -99,35 +96,35 @@ class LearnedLinearSchedule(Schedule):
 
 
 class MonotoneNetSchedule(Schedule):
-    """The paper's learned monotone network, with its endpoints as separate parameters.
+    """The paper's learned monotone network (official "learnable_nnet"): γ(t) = g(t) with
 
-    The official network is g(t) = l1(t) + l3(φ(l2(2t − 1)))/n, φ(h) = 2·(sigmoid(h) − ½), every kernel
-    through abs() (biases free), l1: 1→1, l2: 1→n, l3: n→1 without bias, n = 1024. Here the shape is
-    s(t) = (g(t) − g(0))/(g(1) − g(0)) and γ(t) = γ₀ + (γ₁ − γ₀)·s(t), which equals g(t) exactly when
-    γ₀ = g(0) and γ₁ = g(1) (that is how official parameters are converted).
+        g(t) = |w₁|·t + b₁ + Σⱼ |w₃ⱼ|·φ(|w₂ⱼ|·(2t − 1) + b₂ⱼ)/n,   φ(h) = 2·(sigmoid(h) − ½),   n = 1024
+
+    (l1: 1→1, l2: 1→n, l3: n→1 without bias; every kernel through abs(), biases free). The endpoints
+    γ₀ = g(0), γ₁ = g(1) are functions of the same parameters, so γ is non-decreasing by construction
+    (γ₁ − γ₀ = |w₁| + a non-negative sum; strictly increasing unless every weight is zero) and official
+    parameters convert exactly, with no derived value to store. It is evaluated as γ₀ + (γ₁ − γ₀)·s(t),
+    s = (g − g(0))/(g(1) − g(0)), so that with variance minimisation the gradient reaching the parameters
+    through the shape s is that of the estimator's second moment while the VLB gradient reaches them
+    through the endpoints.
     """
 
     def __init__(self, gamma_min: float = -13.3, gamma_max: float = 5.0, n_features: int = 1024):
         super().__init__()
+        if not gamma_max > gamma_min:
+            raise ValueError(f"gamma_max ({gamma_max}) must exceed gamma_min ({gamma_min})")
         self.n_features = n_features
-        self.gamma_0 = nn.Parameter(torch.tensor(float(gamma_min)))
-        self.gamma_1 = nn.Parameter(torch.tensor(float(gamma_max)))
-        # official init: l1 weight γ_max − γ_min, bias γ_min; l2 kernel N(0, 1), bias 0; l3 kernel N(0, 1).
+        # the official initialisation: l1 constant (γ_max − γ_min, bias γ_min); l2, l3 kernels N(0, 0.01²)
+        # (flax `normal()`), l2 bias 0
         self.l1_weight = nn.Parameter(torch.tensor(float(gamma_max - gamma_min)))
         self.l1_bias = nn.Parameter(torch.tensor(float(gamma_min)))
-        self.l2_weight = nn.Parameter(torch.randn(n_features))
+        self.l2_weight = nn.Parameter(torch.randn(n_features) * 0.01)
         self.l2_bias = nn.Parameter(torch.zeros(n_features))
-        self.l3_weight = nn.Parameter(torch.randn(n_features))
+        self.l3_weight = nn.Parameter(torch.randn(n_features) * 0.01)
 
     @property
     def _anchor(self) -> Tensor:
-        return self.gamma_0
-
-    def endpoints(self) -> tuple[Tensor, Tensor]:
-        return self.gamma_0, self.gamma_1
-
-    def shape_parameters(self) -> list[nn.Parameter]:
-        return [self.l1_weight, self.l1_bias, self.l2_weight, self.l2_bias, self.l3_weight]
+        return self.l1_bias
 
     def net(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """The official network g(t) and its derivative g'(t), elementwise over `t`."""
@@ -142,11 +139,38 @@ class MonotoneNetSchedule(Schedule):
         dg = w1 + (dphi * w2 * w3).sum(-1) * (2.0 / self.n_features)
         return g, dg
 
+    def endpoints(self) -> tuple[Tensor, Tensor]:
+        g, _ = self.net(torch.tensor([0.0, 1.0], dtype=self.dtype, device=self.device))
+        return g[0], g[1]
+
     def shape(self, t: Tensor) -> tuple[Tensor, Tensor]:
         ends, _ = self.net(torch.tensor([0.0, 1.0], dtype=t.dtype, device=t.device))
         span = (ends[1] - ends[0]).clamp_min(torch.finfo(t.dtype).tiny)
         g, dg = self.net(t)
         return (g - ends[0]) / span, dg / span
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "gamma_0" in state_dict and prefix + "gamma_1" in state_dict:
+            _fold_stored_endpoints(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _fold_stored_endpoints(state: dict, prefix: str) -> None:
+    """Model files written before the endpoints were derived from the network stored them apart
+    (`gamma_0`, `gamma_1`, with γ = γ₀ + (γ₁ − γ₀)·(g − g(0))/(g(1) − g(0))). That γ is the affine map
+    a·g + c of the network, a = (γ₁ − γ₀)/(g(1) − g(0)) > 0, c = γ₀ − a·g(0): fold it into l1 and l3."""
+    p = {k: state[prefix + k].detach().to(torch.float64) for k in
+         ("gamma_0", "gamma_1", "l1_weight", "l1_bias", "l2_weight", "l2_bias", "l3_weight")}
+    w2, w3 = p["l2_weight"].abs(), p["l3_weight"].abs()
+    phi = 2 * (torch.sigmoid(w2 * torch.tensor([[-1.0], [1.0]], dtype=torch.float64) + p["l2_bias"]) - 0.5)
+    g = p["l1_weight"].abs() * torch.tensor([0.0, 1.0], dtype=torch.float64) + p["l1_bias"] \
+        + (phi * w3).sum(-1) / w3.numel()
+    a = (p["gamma_1"] - p["gamma_0"]) / (g[1] - g[0])
+    dtype = state[prefix + "l1_bias"].dtype
+    state[prefix + "l1_weight"] = (a * p["l1_weight"].abs()).to(dtype)
+    state[prefix + "l1_bias"] = (p["gamma_0"] + a * (p["l1_bias"] - g[0])).to(dtype)
+    state[prefix + "l3_weight"] = (a * w3).to(dtype)
+    del state[prefix + "gamma_0"], state[prefix + "gamma_1"]
 
 
 def make_schedule(kind: str, gamma_min: float = -13.3, gamma_max: float = 5.0) -> Schedule:

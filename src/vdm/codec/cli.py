@@ -36,6 +36,9 @@ def register(subparsers) -> None:
     p.add_argument("--batch", type=int, default=d.batch, help=f"tiles per network call (default {d.batch})")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads; recorded in the file and reused to decode (default: torch's)")
+    p.add_argument("--conditioning", type=float, default=d.conditioning, metavar="C",
+                   help="the network's conditioning input, recorded in the file: 0 (default) for every model but "
+                        "augmentation-conditioned ones (official cifar10_aug), where 0 means un-augmented images")
     p.set_defaults(func=compress_command)
 
     q = subparsers.add_parser(
@@ -85,7 +88,7 @@ def compress_command(args) -> int:
     from vdm.codec.images import read_images
     try:
         params = CodingParams(args.steps, args.grid_bits, args.tile, args.warmup, args.batch,
-                              args.threads or torch.get_num_threads())
+                              args.threads or torch.get_num_threads(), args.conditioning)
         items = [item for path in args.inputs for item in read_images(path)]
         model = _load(args)
         t0 = time.perf_counter()

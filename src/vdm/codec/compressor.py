@@ -132,8 +132,8 @@ class _Network:
     Units smaller than the model's training size are evaluated inside their mirror mosaic (`mirror_extend`).
     """
 
-    def __init__(self, model, chain: Chain, batch: int):
-        self.model, self.chain, self.batch = model, chain, batch
+    def __init__(self, model, chain: Chain, batch: int, conditioning: float = 0.0):
+        self.model, self.chain, self.batch, self.conditioning = model, chain, batch, conditioning
         self.context = int(model.config.image_size)
 
     @torch.no_grad()
@@ -147,7 +147,8 @@ class _Network:
             for j in range(0, len(z), self.batch):
                 zt = torch.from_numpy(z[j:j + self.batch].astype(np.float32)).to(m.device)
                 zt = mirror_extend(zt, self.context, self.context)
-                eps = m.eps_hat(zt.to(m.dtype), gamma.to(m.dtype).expand(zt.shape[0]))[:, :, :h, :w]
+                cond = torch.full((zt.shape[0],), self.conditioning, dtype=m.dtype, device=m.device)
+                eps = m.eps_hat(zt.to(m.dtype), gamma.to(m.dtype).expand(zt.shape[0]), cond)[:, :, :h, :w]
                 parts.append(eps.to(torch.float64).cpu().numpy())
             out.append(np.concatenate(parts))
         return out
@@ -178,7 +179,7 @@ def compress_images(images: Sequence[np.ndarray], model, params: CodingParams = 
     _check_unit_sizes(tiles)
     per_dim = bitsback.deficit_bits_per_dim(chain)
     coder = constriction.stream.stack.AnsCoder(seed_words(0))
-    net = _Network(model, chain, params.batch)
+    net = _Network(model, chain, params.batch, params.conditioning)
     budget = 0  # bits on the stack when the current stage started; the split rule below reads it as it changes
     plan = tiling.WarmupPlan(tiles, params.warmup, lambda u: _headroom(per_dim * C * u.h * u.w) > budget)
     stages, topups, held = [], [], None
@@ -251,7 +252,7 @@ def decompress_images(data: bytes, model, progress: bool = False) -> list[Decode
         raise CodecFormatError("the stage table does not match the images")
     model.eval()
     chain = _chain(model, params)
-    net = _Network(model, chain, params.batch)
+    net = _Network(model, chain, params.batch, params.conditioning)
     out = [np.zeros(s, dtype=np.uint8) for s in shapes]
     coder = constriction.stream.stack.AnsCoder(c.payload)
     ends = np.cumsum(c.stages)

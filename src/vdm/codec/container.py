@@ -3,10 +3,12 @@
 Layout (integers are unsigned LEB128 varints unless a size is given; multi-byte fixed fields little-endian):
 
     magic        4 bytes  b"VDMC"
-    version      1 byte   (1)
+    version      1 byte   (3)
     fingerprint 16 bytes  first 16 bytes of the model's SHA-256 fingerprint (`fingerprint.py`)
     steps, grid_bits, tile, warmup, batch, threads, seed_words   7 varints (the coding parameters; seed_words:
                  the number of initial words of the ANS stack)
+    conditioning 8 bytes  float64, the network's conditioning input (0 unless the model was trained with
+                 augmentation conditioning and the images are coded as augmented ones)
     n_splits     varint, then the warm-up split flags (`tiling.WarmupPlan`), 8 per byte, least significant first
     n_runs       varint, then per run of consecutive images with equal entries: count (varint), mode
                  (1 byte: 0 grey H×W, 1 grey H×W×1, 2 RGB H×W×3), height, width (varints),
@@ -28,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 MAGIC = b"VDMC"
-VERSION = 2
+VERSION = 3
 FINGERPRINT_BYTES = 16
 MODES = {0: (1, 2), 1: (1, 3), 2: (3, 3)}  # mode → (channels, array dimensions)
 MAX_SIDE = 1 << 16  # largest height or width accepted from a file
@@ -64,6 +66,7 @@ class CodingParams:
     warmup: int = 8  # smallest side of the warm-up pieces (tiling.WarmupPlan); 0 for no warm-up
     batch: int = 32  # units per network call (changing it can change float results, so it is recorded)
     threads: int = 1  # torch CPU threads of the network evaluations (recorded for the same reason)
+    conditioning: float = 0.0  # the network's conditioning input (augmentation-conditioned models; 0 = none)
 
     def __post_init__(self):
         for name, top in (("steps", 10_000), ("batch", 65_536), ("threads", 1024)):
@@ -73,6 +76,8 @@ class CodingParams:
             raise ValueError(f"grid_bits must lie in 0..12, got {self.grid_bits}")
         if self.tile < 0 or self.warmup < 0:
             raise ValueError("tile and warmup must be non-negative")
+        if not -1e6 <= self.conditioning <= 1e6:  # also refuses NaN
+            raise ValueError(f"conditioning must be a finite number, got {self.conditioning}")
 
 
 @dataclass
@@ -143,6 +148,7 @@ def pack(c: Container) -> bytes:
     out += c.fingerprint
     for v in (p.steps, p.grid_bits, p.tile, p.warmup, p.batch, p.threads, c.seed_words):
         out += _varint(v)
+    out += struct.pack("<d", p.conditioning)
     out += _varint(len(c.splits)) + np.packbits(np.asarray(c.splits, dtype=bool), bitorder="little").tobytes()
     runs: list[list] = []
     for im in c.images:
@@ -179,11 +185,13 @@ def unpack(data: bytes) -> Container:
     r.take(4)
     version = r.take(1)[0]
     if version != VERSION:
-        raise CodecFormatError(f"format version {version}; this vdm reads version {VERSION}")
+        older = " (written by an older vdm: decode it with that version)" if version < VERSION else ""
+        raise CodecFormatError(f"format version {version}; this vdm reads version {VERSION}{older}")
     fingerprint = r.take(FINGERPRINT_BYTES)
     vals = [r.varint(1 << 20) for _ in range(7)]
+    (conditioning,) = struct.unpack("<d", r.take(8))
     try:
-        params = CodingParams(*vals[:6])
+        params = CodingParams(*vals[:6], conditioning=conditioning)
     except ValueError as e:
         raise CodecFormatError(f"bad coding parameters ({e})") from None
     n_splits = r.varint(MAX_PIXELS)

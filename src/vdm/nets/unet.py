@@ -21,11 +21,14 @@ GN_EPS = 1e-6
 
 def timestep_embedding(t: Tensor, dim: int) -> Tensor:
     """Sinusoidal embedding of 1000·t, (B,) → (B, dim): [sin(1000 t ω_i), cos(1000 t ω_i)],
-    ω_i = exp(−ln(10⁴)·i/(half − 1)). Computed in float32 as the official code does, even for float64 inputs.
+    ω_i = exp(−ln(10⁴)·i/(half − 1)). As in the official code, 1000·t is rounded to float32 even when the
+    model runs in float64 (`timesteps.astype(float32)`), while the frequencies and the sines are computed in
+    the working precision (float64 for a float64 model, float32 otherwise).
     """
+    dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
     half = dim // 2
-    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=t.device) * -(math.log(10000.0) / (half - 1)))
-    arg = (t * 1000.0).to(torch.float32)[:, None] * freqs[None, :]
+    freqs = torch.exp(torch.arange(half, dtype=dtype, device=t.device) * -(math.log(10000.0) / (half - 1)))
+    arg = (t * 1000.0).to(torch.float32).to(dtype)[:, None] * freqs[None, :]
     emb = torch.cat([torch.sin(arg), torch.cos(arg)], dim=1)
     if dim % 2 == 1:
         emb = F.pad(emb, (0, 1))
@@ -38,6 +41,38 @@ def fourier_features(z: Tensor, exponents: Sequence[int]) -> Tensor:
     w = (2.0 ** torch.tensor(list(exponents), dtype=z.dtype, device=z.device)) * (2 * math.pi)
     h = z.repeat_interleave(n, dim=1) * w.repeat(z.shape[1])[None, :, None, None]
     return torch.cat([torch.sin(h), torch.cos(h)], dim=1)
+
+
+def lecun_normal_(weight: Tensor) -> Tensor:
+    """flax's default kernel init `lecun_normal`: a normal truncated at ±2 standard deviations, scaled so that
+    the variance is 1/fan_in (fan_in = in_features, or in_channels·kh·kw for a convolution)."""
+    fan_in = weight[0].numel()
+    std = math.sqrt(1.0 / fan_in) / 0.87962566103423978  # std of N(0, 1) truncated to [−2, 2]
+    return nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
+
+
+def official_init_(net: nn.Module) -> None:
+    """The official initialisation: every Dense/Conv kernel `lecun_normal`, every bias zero, GroupNorm scale
+    one and bias zero, and exact zeros in the layers that start each residual branch at zero — every block's
+    `conv2` and `cond_proj`, attention's `proj_out` — and in `conv_out`."""
+    for m in net.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            lecun_normal_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.GroupNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    for m in net.modules():
+        zero = []
+        if isinstance(m, ResnetBlock):
+            zero = [m.conv2, m.cond_proj]
+        elif isinstance(m, AttnBlock):
+            zero = [m.proj_out]
+        for layer in zero:
+            nn.init.zeros_(layer.weight)
+    if hasattr(net, "conv_out"):
+        nn.init.zeros_(net.conv_out.weight)
 
 
 class GroupNorm(nn.GroupNorm):
@@ -59,9 +94,6 @@ class ResnetBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
-        nn.init.zeros_(self.cond_proj.weight)
-        nn.init.zeros_(self.conv2.weight)
-        nn.init.zeros_(self.conv2.bias)
 
     def forward(self, x: Tensor, cond: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -121,8 +153,7 @@ class ScoreUNet(nn.Module):
         self.up_attn = nn.ModuleList(attn() for _ in range(n_layer + 1))
         self.norm_out = GroupNorm(n_embd)
         self.conv_out = nn.Conv2d(n_embd, channels, 3, padding=1)
-        nn.init.zeros_(self.conv_out.weight)
-        nn.init.zeros_(self.conv_out.bias)
+        official_init_(self)
 
     def forward(self, z: Tensor, t_c: Tensor, conditioning: Tensor | None = None) -> Tensor:
         """z (B, C, H, W); t_c (B,) normalised log-SNR in [0, 1]; conditioning (B,) scalar (zeros by default)."""

@@ -19,7 +19,7 @@ from torch import Tensor
 from vdm import losses
 
 # Stream tags, so the seeds of different uses never collide.
-_DATA, _NOISE, _DROPOUT, _INIT = 1, 2, 3, 4
+_DATA, _NOISE, _DROPOUT, _INIT, _AUGMENT = 1, 2, 3, 4, 5
 
 
 def derive_seed(*words: int) -> int:
@@ -86,3 +86,8 @@ def step_noise(seed: int, step: int, batch_size: int, shape: tuple[int, ...], an
     eps_0 = torch.randn((batch_size, *shape), generator=g, device=device)
     eps = torch.randn((batch_size, *shape), generator=g, device=device)
     return t, eps_0, eps
+
+
+def augment_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of the augmentation draws of global batch `step` (the same on every process)."""
+    return torch.Generator(device=device).manual_seed(derive_seed(seed, _AUGMENT, step))

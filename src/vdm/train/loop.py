@@ -22,7 +22,8 @@ from vdm.config import TrainConfig
 from vdm.losses import bits_per_dim
 from vdm.model import VDM
 from vdm.train import distributed, state
-from vdm.train.batches import BatchOrder, dropout_seed, init_seed, step_noise
+from vdm.train.augment import augment
+from vdm.train.batches import BatchOrder, augment_generator, dropout_seed, init_seed, step_noise
 from vdm.train.ema import EMA
 from vdm.train.log import MetricsLog, truncate_metrics
 from vdm.train.optim import lr_at, make_optimizer, set_lr
@@ -44,14 +45,14 @@ class NonFiniteLossError(TrainingError):
 
 class LossModule(nn.Module):
     """The per-example loss terms as a module's forward, so DistributedDataParallel and torch.compile see
-    the whole computation: forward(x, t, eps, eps_0) → (B, 3) nats (prior, recon, diff)."""
+    the whole computation: forward(x, t, eps, eps_0, conditioning) → (B, 3) nats (prior, recon, diff)."""
 
     def __init__(self, model: VDM):
         super().__init__()
         self.model = model
 
-    def forward(self, x: Tensor, t: Tensor, eps: Tensor, eps_0: Tensor) -> Tensor:
-        out = self.model.loss(x, t=t, eps=eps, eps_0=eps_0)
+    def forward(self, x: Tensor, t: Tensor, eps: Tensor, eps_0: Tensor, conditioning: Tensor) -> Tensor:
+        out = self.model.loss(x, t=t, eps=eps, eps_0=eps_0, conditioning=conditioning)
         return torch.stack([out["prior"], out["recon"], out["diff"]], dim=1)
 
 
@@ -209,25 +210,27 @@ class _Trainer:
         from tqdm.auto import tqdm
         return tqdm(total=max_steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True)
 
-    def _batch(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """This process's slice of global batch `self.step`: (x, t, ε₀, ε) on the device."""
+    def _batch(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """This process's slice of global batch `self.step`: (x, t, ε₀, ε, conditioning) on the device.
+        With `data.augment`, x is augmented and the conditioning says which images were (else zeros)."""
         run, d, B = self.config.run, self.d, self.local_batch
         rows = slice(d.rank * B, (d.rank + 1) * B)
-        idx = self.order.indices(self.step)[rows]
+        idx = self.order.indices(self.step)
         x = self.train_x[idx.to(self.train_x.device)].to(d.device, non_blocking=True)
+        x, conditioning = augment(x, self.config.data.augment, augment_generator(run.seed, self.step, d.device))
         t, eps_0, eps = step_noise(run.seed, self.step, run.batch_size, tuple(x.shape[1:]),
                                    self.config.model.antithetic, d.device)
-        return x, t[rows], eps_0[rows], eps[rows]
+        return x[rows], t[rows], eps_0[rows], eps[rows], conditioning[rows]
 
     def _one_step(self, window: Window) -> None:
         """Optimiser step `self.step`, or a skipped one when the loss or the gradient is not finite."""
         run, d = self.config.run, self.d
-        x, t, eps_0, eps = self._batch()
+        x, t, eps_0, eps, conditioning = self._batch()
         torch.manual_seed(dropout_seed(run.seed, d.rank, self.step))
         autocast = (torch.autocast(d.device.type, dtype=torch.bfloat16) if run.bf16
                     else contextlib.nullcontext())
         with autocast:
-            nats = self.forward(x, t, eps, eps_0)  # (B, 3)
+            nats = self.forward(x, t, eps, eps_0, conditioning)  # (B, 3)
         terms = bits_per_dim(nats.float(), self.model.num_dims(x)).mean(0)  # (3,) bpd
         loss = terms.sum()
         if self.step in run.inject_nonfinite:
