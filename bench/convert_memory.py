@@ -6,7 +6,7 @@ initialisation statistics, `official_vdm/init_stats.json`), then runs `vdm conve
 and reports that process's peak resident memory against a process that only imports vdm and builds the same
 model. The difference is what conversion holds beyond the model itself; one parameter tree is the floor.
 
-    python bench/convert_memory.py [--stats ../shared/fixtures/official_vdm/init_stats.json] [--keep DIR]
+    python bench/convert_memory.py [--stats tests/fixtures/official_vdm/init_stats.json] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import msgpack
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_STATS = ROOT.parent / "shared" / "fixtures" / "official_vdm" / "init_stats.json"
+DEFAULT_STATS = ROOT / "tests" / "fixtures" / "official_vdm" / "init_stats.json"
 
 
 def nest(flat: dict[str, np.ndarray]) -> dict:

@@ -1,6 +1,6 @@
 """An independent NumPy (float64, NHWC, flax-layout) reference of the official VDM score network and schedules.
 
-Written from the official model description (`shared/docs/VDM.md`, fixture README), not from our PyTorch code:
+Written from the official model description (`docs/maths.md`, `tests/fixtures/README.md`), not from our PyTorch code:
 it reads the flax parameter tree directly. The tests check it against the official fixtures, then use it to check
 the converter on configurations the fixtures do not cover (depth, width, attention, the monotone network).
 """

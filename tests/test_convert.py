@@ -1,7 +1,7 @@
 """`vdm convert`: official checkpoint files (flax MessagePack) → vdm model files that reproduce the official outputs.
 
-The official-format checkpoint `official_checkpoint/D/checkpoints-0.flax` and the official model's outputs for its
-EMA parameters (`D.npz`, float64) come from the official code; other checkpoints here are written in the same
+The official-format checkpoint `tests/fixtures/official_checkpoint/D/checkpoints-0.flax` and the official model's
+outputs for its EMA parameters (`D.npz`, float64) come from the official code; other checkpoints here are written in the same
 format by `pack_flax` below (flax's `to_bytes` layout) from random official parameter trees.
 """
 
@@ -19,22 +19,13 @@ import pytest
 import torch
 
 import official_reference as ref
-from conftest import FIXTURES
+from conftest import CHECKPOINT_FIXTURES as CKPT, FIXTURES
 from vdm.checkpoint import load_model, read_source
 from vdm.convert import convert_checkpoint, parameter_map
 from vdm.flax_checkpoint import FlaxCheckpointError, read_parameters
 from vdm.official_configs import OFFICIAL_CONFIGS, official_config
 
-CKPT = FIXTURES.parent / "official_checkpoint"
 SRC = Path(__file__).resolve().parents[1] / "src"
-
-
-def need_checkpoint():
-    if not (CKPT / "D.npz").exists():
-        msg = f"official checkpoint fixture not found at {CKPT}"
-        if os.environ.get("VDM_REQUIRE_FIXTURES"):
-            pytest.fail(msg + "; VDM_REQUIRE_FIXTURES is set, so this is a failure")
-        pytest.skip(msg)
 
 
 def run_vdm(*args: str) -> subprocess.CompletedProcess:
@@ -89,7 +80,6 @@ def official_state(ema: dict[str, np.ndarray], step: int = 7) -> dict:
 # --- the official checkpoint and its outputs ----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def converted_d(tmp_path_factory):
-    need_checkpoint()
     out = tmp_path_factory.mktemp("convert") / "d.safetensors"
     proc = run_vdm("convert", str(CKPT / "D" / "checkpoints-0"), "--config", str(CKPT / "D.json"), "--out", str(out))
     assert proc.returncode == 0, proc.stderr
@@ -126,7 +116,6 @@ def test_converted_file_records_its_source(converted_d):
 
 
 def test_raw_and_ema_weights_and_every_way_to_name_the_file(tmp_path):
-    need_checkpoint()
     _, ema = read_parameters(CKPT / "D")  # a directory: its highest-numbered *.flax
     step, raw = read_parameters(CKPT / "D" / "checkpoints-0.flax", "params")
     assert step == 12345 and set(ema) == set(raw)
@@ -172,10 +161,7 @@ def test_named_configurations_are_the_official_ones():
     from vdm.convert import config_from_official
     from vdm.model import VDM
 
-    stats_file = FIXTURES / "init_stats.json"
-    if not stats_file.exists():
-        need_checkpoint()
-    stats = json.loads(stats_file.read_text())["cifar10"]
+    stats = json.loads((FIXTURES / "init_stats.json").read_text())["cifar10"]
     fields, size = official_config("cifar10")
     assert size == 32 and {k: fields[k] for k in stats["config"]} == stats["config"]
     cfg = config_from_official(fields, channels=3, image_size=size)
@@ -211,7 +197,6 @@ def _bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
 
 
 def test_bad_files_are_refused_with_one_line(tmp_path):
-    need_checkpoint()
     for name, (path, expect) in _bad_files(tmp_path).items():
         with pytest.raises(FlaxCheckpointError, match=expect):
             read_parameters(path)
@@ -227,7 +212,6 @@ def test_bad_files_are_refused_with_one_line(tmp_path):
 
 
 def test_config_that_does_not_fit_and_existing_output(tmp_path):
-    need_checkpoint()
     out = tmp_path / "m.safetensors"
     proc = run_vdm("convert", str(CKPT / "D"), "--config", "cifar10", "--out", str(out))
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1

@@ -318,6 +318,9 @@ def test_imagenet_npz_round_trip(tmp_path, size):
     name = f"imagenet{size}"
     np.testing.assert_array_equal(load_dataset(name, "test", root=tmp_path).reshape(2, -1), val)
     np.testing.assert_array_equal(load_dataset(name, "val", root=tmp_path / "val_data.npz").reshape(2, -1), val)
+    # one file serves only its own split: a training batch is never evaluated as test data
+    _raises_naming(tmp_path / "train_data_batch_1.npz", load_dataset, name, "test",
+                   root=tmp_path / "train_data_batch_1.npz", match="val_data")
     other = 64 if size == 32 else 32
     _raises_naming(tmp_path / "val_data.npz", load_imagenet, "test", tmp_path, other, match="uint8")
 

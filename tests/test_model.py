@@ -82,3 +82,17 @@ def test_bad_model_files_are_rejected_clearly(tmp_path):
     truncated.write_bytes(bytes(data[: len(data) // 2]))
     with pytest.raises(CheckpointError, match="truncated.safetensors"):
         load_model(truncated)
+
+
+def test_save_pretrained_and_from_pretrained(tmp_path):
+    """The folder layout of a model repository (config.json + model.safetensors) round-trips exactly, and
+    loading gives a model in eval mode (no dropout)."""
+    import json
+
+    model = VDM(image_size=8, n_embd=32, n_layer=1, gamma_type="learned_nnet", dropout=0.2)
+    model.save_pretrained(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "config.json").read_text()) == model.config.to_dict()
+    loaded = VDM.from_pretrained(tmp_path / "m")
+    assert not loaded.training and loaded.config == model.config
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name

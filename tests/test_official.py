@@ -1,4 +1,4 @@
-"""Our model reproduces the official implementation's own outputs (shared/fixtures/official_vdm): to a relative
+"""Our model reproduces the official implementation's own outputs (tests/fixtures/official_vdm): to a relative
 1e-9 in float64 (the official outputs were computed in float64), to 1e-5 in float32."""
 
 import math
@@ -149,10 +149,7 @@ def test_initialisation_matches_the_official_statistics(name):
     from vdm.convert import config_from_official, parameter_map
     from vdm.model import VDM
 
-    path = FIXTURES / "init_stats.json"
-    if not path.exists():
-        load_case("A")  # skips, or fails under VDM_REQUIRE_FIXTURES, with the usual message
-    official = json.loads(path.read_text())[name]
+    official = json.loads((FIXTURES / "init_stats.json").read_text())[name]
     cfg = config_from_official(official["config"], channels=3)
     torch.manual_seed(0)
     state = VDM(cfg).state_dict()

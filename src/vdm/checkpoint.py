@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from safetensors import safe_open
 
+from vdm.files import atomic_write
 from vdm.model import VDM, VDMConfig
 
 FORMAT = "vdm-model"
@@ -26,30 +26,6 @@ VERSION = "1"
 
 class CheckpointError(ValueError):
     """A model file or checkpoint that cannot be used; the message names the path and the problem."""
-
-
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call `write(tmp_path)` then rename the result onto `path` (readers never see a partial file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual permissions
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def save_model(model: VDM, path: str | os.PathLike, state_dict: dict | None = None, *,
@@ -62,6 +38,16 @@ def save_model(model: VDM, path: str | os.PathLike, state_dict: dict | None = No
     if source is not None:
         meta["source"] = json.dumps(source, sort_keys=True)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def save_pretrained(model: VDM, folder: str | os.PathLike) -> None:
+    """`folder/model.safetensors` (a model file) and `folder/config.json` (its config, readable without torch)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"{folder}: exists and is not a directory")
+    save_model(model, folder / "model.safetensors")
+    text = json.dumps(model.config.to_dict(), indent=2, sort_keys=True) + "\n"
+    atomic_write(folder / "config.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def read_source(path: str | os.PathLike) -> dict | None:

@@ -16,8 +16,11 @@ COMMAND_MODULES = [
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vdm import __version__
+
     parser = argparse.ArgumentParser(
         prog="vdm", description="Variational Diffusion Models: train, evaluate, sample, compress.")
+    parser.add_argument("--version", action="version", version=f"vdm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)

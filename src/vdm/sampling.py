@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from vdm import process
-from vdm.checkpoint import atomic_write
+from vdm.files import atomic_write
 from vdm.model import VDM
 
 

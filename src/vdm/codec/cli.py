@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from vdm.checkpoint import atomic_write
+from vdm.files import atomic_write
 
 DEFAULTS_NOTE = ("The defaults (T = 200 steps, a σ/4 grid, 32-pixel tiles, warm-up pieces down to 8×8) were chosen "
                  "from measurements of rate against speed; see bench/compress.py (with the packaged model on 64 "

@@ -17,8 +17,17 @@ from vdm import losses, process
 
 @torch.no_grad()
 def negative_elbo_bits(model, x: Tensor, T: int, generator: torch.Generator | None = None) -> Tensor:
-    """−ELBO_T(x) in bits per example, (B,), for integer images `x` (B, C, H, W) and T steps."""
+    """−ELBO_T(x) in bits per example, (B,), for integer images `x` (B, C, H, W) and T steps (computed in eval
+    mode; the model is left in the mode it was in)."""
+    was_training = model.training
     model.eval()
+    try:
+        return _negative_elbo_bits(model, x, T, generator)
+    finally:
+        model.train(was_training)
+
+
+def _negative_elbo_bits(model, x: Tensor, T: int, generator: torch.Generator | None) -> Tensor:
     f = model.encode(x)
     g0, g1 = model.gamma.endpoints()
     eps_0 = torch.randn(f.shape, generator=generator, dtype=f.dtype, device=f.device)

@@ -9,6 +9,7 @@ the file and the problem.  Only numpy and Pillow are used; torch is not imported
 
 from __future__ import annotations
 
+import fnmatch
 import gzip
 import io
 import os
@@ -365,11 +366,14 @@ def _npz_member_header(path: Path, key: str):
 
 
 def _imagenet_files(root: Path, split: str) -> list[Path]:
-    if root.is_file():
+    pattern = "train_data_batch_*.npz" if split == "train" else "val_data*.npz"
+    if root.is_file():  # one batch file serves only the split its official name says it holds
+        if not fnmatch.fnmatch(root.name, pattern):
+            raise DatasetError(root, f"split {split!r} reads files named {pattern}; pass the folder of batches "
+                                     f"or the file of that split")
         return [root]
     if not root.is_dir():
         raise DatasetError(root, "no such file or folder")
-    pattern = "train_data_batch_*.npz" if split == "train" else "val_data*.npz"
     files = sorted(root.rglob(pattern), key=_natural_key)
     if not files:
         raise DatasetError(root, f"no {pattern} file in this folder (or below it)")
@@ -380,7 +384,7 @@ def load_imagenet(split: str, root: str | os.PathLike, image_size: int, *, retur
     """Downsampled ImageNet (Chrabaszcz et al. 2017) ``.npz`` batches, read with
     ``np.load(allow_pickle=False)``.
 
-    ``root`` is one ``.npz`` file (used whatever the split) or a folder searched
+    ``root`` is one ``.npz`` file of the split (named as below) or a folder searched
     recursively for ``train_data_batch_<k>.npz`` (split 'train', in numeric
     order) or ``val_data*.npz`` (split 'test' or 'val').  Each file holds
     ``data`` (``N x 3*S*S`` uint8, channel-major) and ``labels``.

@@ -21,7 +21,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from vdm.checkpoint import CheckpointError, atomic_write, save_model
+from vdm.checkpoint import CheckpointError, save_model
+from vdm.files import atomic_write
 from vdm.config import TrainConfig
 from vdm.model import VDM
 from vdm.train.ema import EMA
