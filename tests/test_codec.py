@@ -420,7 +420,7 @@ def test_cli_errors_exit_nonzero_without_traceback(tmp_path, capsys, packed):
           "--model", str(tmp_path / "nothing")], "no such file"),
     ]
     for argv, message in cases:
-        assert vdm_main(argv) == 1
+        assert vdm_main(argv) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
 

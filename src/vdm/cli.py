@@ -1,4 +1,9 @@
-"""The `vdm` command line: a thin layer; each subcommand calls one importable function."""
+"""The `vdm` command line: a thin layer; each subcommand calls one importable function.
+
+Exit codes, the same for every subcommand: 0 done; 1 the work started and failed (e.g. training stopped on
+non-finite losses); 2 the input was refused (bad arguments, configuration, file, model or dataset; one line on
+stderr says which, and nothing was written); 130 interrupted.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     from vdm import __version__
 
     parser = argparse.ArgumentParser(
-        prog="vdm", description="Variational Diffusion Models: train, evaluate, sample, compress.")
+        prog="vdm", description="Variational Diffusion Models: train, evaluate, sample, compress.",
+        epilog="exit codes: 0 done, 1 failed while running, 2 input refused (one line on stderr), 130 interrupted")
     parser.add_argument("--version", action="version", version=f"vdm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:

@@ -10,9 +10,8 @@ from pathlib import Path
 from vdm.files import atomic_write
 
 DEFAULTS_NOTE = ("The defaults (T = 200 steps, a σ/4 grid, 32-pixel tiles, warm-up pieces down to 8×8) were chosen "
-                 "from measurements of rate against speed; see bench/compress.py (with the packaged model on 64 "
-                 "test tiles, one thread: T = 200 gives 3.844 bits per sub-pixel at about 300 pixels/s, T = 50 "
-                 "gives 4.185 at about 1,350).")
+                 "from measurements of rate against speed with bench/compress.py; the README's compression "
+                 "section gives the measured rates.")
 
 
 def register(subparsers) -> None:
@@ -78,7 +77,7 @@ def _errors():
 
 def _fail(cmd: str, e: Exception) -> int:
     print(f"vdm {cmd}: error: {e}", file=sys.stderr)
-    return 1
+    return 2  # refused input (see the exit codes in vdm.cli)
 
 
 def compress_command(args) -> int:

@@ -11,18 +11,10 @@ import os
 import numpy as np
 
 from vdm.data.errors import DatasetError
-from vdm.data.formats import (
-    FASHION_MNIST_ROOT,
-    IMAGE_EXTENSIONS,
-    RestrictedUnpickler,
-    load_cifar10,
-    load_fashion_mnist,
-    load_image_folder,
-    load_imagenet,
-    load_mnist,
-    read_idx,
-    restricted_loads,
-)
+from vdm.data.cifar import RestrictedUnpickler, load_cifar10, restricted_loads
+from vdm.data.folder import IMAGE_EXTENSIONS, load_image_folder
+from vdm.data.idx import FASHION_MNIST_ROOT, load_fashion_mnist, load_mnist, read_idx
+from vdm.data.imagenet import load_imagenet
 from vdm.data.photos import (
     DEFAULT_MAX_TILES_PER_PHOTO,
     PHOTO_NAMES,

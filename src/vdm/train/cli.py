@@ -82,7 +82,7 @@ def run_train(args) -> int:
                         max_minutes=args.max_minutes)
     except (TrainingError, CheckpointError) as e:
         print(f"vdm train: error: {e}", file=sys.stderr)
-        return 3
+        return 1  # the run started and stopped (see the exit codes in vdm.cli)
     if os.environ.get("RANK", "0") == "0":  # one summary line, from rank 0 under torchrun
         print(json.dumps(summary))
     return 0
