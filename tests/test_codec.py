@@ -379,12 +379,30 @@ def test_image_files_round_trip(tmp_path):
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "a.png")), rgb)
     with np.load(tmp_path / "out" / "z.npz") as z:
         np.testing.assert_array_equal(z["g"], grey)
+    # existing outputs are refused (nothing written) unless forced; any member name works, even "file"
+    (tmp_path / "out" / "a.png").write_bytes(b"keep")
+    with pytest.raises(FileExistsError, match="a.png"):
+        write_images(items + [("new.npz:file", grey)], tmp_path / "out")
+    assert (tmp_path / "out" / "a.png").read_bytes() == b"keep" and not (tmp_path / "out" / "new.npz").exists()
+    write_images(items + [("new.npz:file", grey)], tmp_path / "out", force=True)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "a.png")), rgb)
+    with np.load(tmp_path / "out" / "new.npz") as z:
+        np.testing.assert_array_equal(z["file"], grey)
     (tmp_path / "bad.png").write_bytes(b"not an image")
     with pytest.raises(ImageReadError, match="bad.png"):
         read_images(tmp_path / "bad.png")
     np.save(tmp_path / "f.npy", np.zeros((3, 3), np.float32))
     with pytest.raises(ImageReadError, match="uint8"):
         read_images(tmp_path / "f.npy")
+
+
+def test_resource_errors_are_not_reported_as_corruption(model, packed, monkeypatch):
+    """Running out of memory while decoding is the machine's problem, not the file's: it propagates."""
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("simulated")
+    monkeypatch.setattr(bitsback, "decode_stage", out_of_memory)
+    with pytest.raises(MemoryError):
+        decompress_images(packed, model)
 
 
 def test_separate_processes_round_trip(tmp_path):

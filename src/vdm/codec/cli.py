@@ -24,6 +24,7 @@ def register(subparsers) -> None:
                     "bits per sub-pixel, headers and initial bits included. " + DEFAULTS_NOTE)
     p.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files (.png, .npy, .npz, ...)")
     p.add_argument("-o", "--output", required=True, help="the .vdmc file to write")
+    p.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
     _model_args(p)
     p.add_argument("--steps", type=int, default=d.steps, help=f"T, discrete steps of the chain (default {d.steps})")
     p.add_argument("--grid-bits", type=int, default=d.grid_bits,
@@ -48,6 +49,7 @@ def register(subparsers) -> None:
                     "and software as encoding (see vdm.codec.compressor).")
     q.add_argument("input", metavar="FILE", help="the .vdmc file")
     q.add_argument("-o", "--output", required=True, help="directory to write the images into")
+    q.add_argument("--force", action="store_true", help="overwrite images that already exist in the directory")
     _model_args(q)
     q.set_defaults(func=decompress_command)
 
@@ -86,6 +88,8 @@ def compress_command(args) -> int:
     from vdm.codec.container import CodingParams
     from vdm.codec.images import read_images
     try:
+        if Path(args.output).exists() and not args.force:
+            raise FileExistsError(f"{args.output} exists; pass --force to overwrite it")
         params = CodingParams(args.steps, args.grid_bits, args.tile, args.warmup, args.batch,
                               args.threads or torch.get_num_threads(), args.conditioning)
         items = [item for path in args.inputs for item in read_images(path)]
@@ -105,13 +109,18 @@ def compress_command(args) -> int:
 
 def decompress_command(args) -> int:
     from vdm.codec.compressor import decompress_images, read_header
-    from vdm.codec.images import write_images
+    import numpy as np
+    from vdm.codec.images import refuse_existing, write_images
     try:
         data = Path(args.input).read_bytes()
-        read_header(data)  # refuse a damaged file before loading any model
+        header = read_header(data)  # refuse a damaged file before loading any model
+        if not args.force:  # and refuse to overwrite before spending time decoding
+            shapes = [(im.height, im.width) + (() if im.mode == 0 else (im.channels,)) for im in header.images]
+            refuse_existing([(im.name, np.broadcast_to(np.uint8(0), shape))
+                             for im, shape in zip(header.images, shapes)], args.output)
         model = _load(args)
         images = decompress_images(data, model, progress=not args.quiet)
-        paths = write_images([(im.name, im.pixels) for im in images], args.output)
+        paths = write_images([(im.name, im.pixels) for im in images], args.output, force=args.force)
     except _errors() as e:
         return _fail("decompress", e)
     print(f"{len(images)} image(s) written to {args.output}: " + ", ".join(p.name for p in paths[:8])

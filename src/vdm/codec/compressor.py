@@ -274,15 +274,24 @@ def decompress_images(data: bytes, model, progress: bool = False) -> list[Decode
         rest = coder.get_compressed()
     except bitsback.CorruptStreamError as e:
         raise CodecFormatError(str(e)) from None
-    except (KeyboardInterrupt, SystemExit, CodecFormatError):
-        raise
-    except BaseException as e:  # constriction rejects an impossible stream (pyo3 panics are BaseExceptions)
+    except BaseException as e:
+        if not _rejects_stream(e):
+            raise  # out of memory, interrupted, a bug: not the file's fault, so not reported as corruption
         raise CodecFormatError(f"the payload does not decode ({type(e).__name__}: {e})") from None
     finally:
         bar.close()
     if not np.array_equal(rest, seed_words(c.seed_words)):
         raise CodecFormatError("the payload did not decode back to its initial state: the file is corrupt")
     return [DecodedImage(_layout(im, info.mode), info.name) for im, info in zip(out, c.images)]
+
+
+def _rejects_stream(e: BaseException) -> bool:
+    """Whether `e` is the entropy coder refusing an impossible stream: constriction raises ValueError or
+    AssertionError, or a pyo3 PanicException (a BaseException) for a state no encoder could have made."""
+    if isinstance(e, CodecFormatError | MemoryError):
+        return False
+    return isinstance(e, (ValueError, AssertionError, IndexError, OverflowError)) or \
+        type(e).__name__ == "PanicException"
 
 
 def _layout(chw: np.ndarray, mode: int) -> np.ndarray:

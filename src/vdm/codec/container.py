@@ -36,6 +36,8 @@ MODES = {0: (1, 2), 1: (1, 3), 2: (3, 3)}  # mode → (channels, array dimension
 MAX_SIDE = 1 << 16  # largest height or width accepted from a file
 MAX_PIXELS = 1 << 28  # largest total number of pixels accepted from a file
 MAX_NAME = 4096
+MAX_BATCH = 1024  # units per network call
+MAX_THREADS = 256
 
 
 class CodecFormatError(ValueError):
@@ -69,7 +71,8 @@ class CodingParams:
     conditioning: float = 0.0  # the network's conditioning input (augmentation-conditioned models; 0 = none)
 
     def __post_init__(self):
-        for name, top in (("steps", 10_000), ("batch", 65_536), ("threads", 1024)):
+        # bounds on what a file may ask of the decoder before anything is allocated
+        for name, top in (("steps", 10_000), ("batch", MAX_BATCH), ("threads", MAX_THREADS)):
             if not 1 <= getattr(self, name) <= top:
                 raise ValueError(f"{name} must lie in 1..{top}, got {getattr(self, name)}")
         if not 0 <= self.grid_bits <= 12:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vdm.files import atomic_write
+
 NPZ_SEP = ":"
 
 
@@ -91,29 +93,60 @@ def output_name(name: str, index: int, arr: np.ndarray) -> tuple[str, str | None
     return str(Path(base).with_suffix(".png")), None
 
 
-def write_images(images: Sequence[tuple[str, np.ndarray]], outdir: str | os.PathLike) -> list[Path]:
-    """Write decoded (name, array) pairs into `outdir` (created); returns the paths written."""
-    from PIL import Image
+def write_images(images: Sequence[tuple[str, np.ndarray]], outdir: str | os.PathLike, *,
+                 force: bool = False) -> list[Path]:
+    """Write decoded (name, array) pairs into `outdir` (created); returns the paths written.
+
+    Every path is worked out first: if any exists and `force` is false, `FileExistsError` names them and nothing
+    is written. Each file is written atomically (a partial file never appears under its name)."""
     outdir = Path(outdir)
+    plan = _plan(images)
+    if not force:
+        refuse_existing(plan, outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    written, npz, used = [], {}, set()
+    written = []
+    for fname, content in plan.items():
+        path = outdir / fname
+        atomic_write(path, lambda tmp, c=content, f=fname: _write_one(tmp, f, c))
+        written.append(path)
+    return written
+
+
+def _plan(images: Sequence[tuple[str, np.ndarray]]) -> dict[str, object]:
+    """File name → array, or {member: array} for an .npz, for decoded (name, array) pairs."""
+    plan: dict[str, object] = {}
     for i, (name, arr) in enumerate(images):
         fname, member = output_name(name, i, arr)
         if member is not None:
-            npz.setdefault(fname, {})[member] = arr
+            plan.setdefault(fname, {})[member] = arr
             continue
         stem, suffix, n = Path(fname).stem, Path(fname).suffix, 1
-        while fname in used:  # two inputs with one base name: keep both
+        while fname in plan:  # two inputs with one base name: keep both
             fname, n = f"{stem}_{n}{suffix}", n + 1
-        used.add(fname)
-        path = outdir / fname
-        if fname.lower().endswith(".npy"):
-            np.save(path, arr, allow_pickle=False)
-        else:
-            Image.fromarray(arr[:, :, 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr).save(path)
-        written.append(path)
-    for fname, members in npz.items():
-        path = outdir / fname
-        np.savez(path, **members)
-        written.append(path)
-    return written
+        plan[fname] = arr
+    return plan
+
+
+def refuse_existing(images, outdir: str | os.PathLike) -> None:
+    """`FileExistsError` naming the files that writing `images` ((name, array) pairs, arrays only for their
+    shapes, or a plan) into `outdir` would overwrite."""
+    plan = images if isinstance(images, dict) else _plan(images)
+    existing = [Path(outdir) / f for f in plan if (Path(outdir) / f).exists()]
+    if existing:
+        shown = ", ".join(str(p) for p in existing[:3]) + (" …" if len(existing) > 3 else "")
+        raise FileExistsError(f"{shown} exist{'s' if len(existing) == 1 else ''}; pass --force to overwrite")
+
+
+def _write_one(tmp: str, fname: str, content) -> None:
+    if isinstance(content, dict):  # an .npz: one uncompressed .npy per member, whatever the member names
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
+            for member, arr in content.items():
+                with zf.open(f"{member}.npy", "w", force_zip64=True) as fh:
+                    np.lib.format.write_array(fh, np.ascontiguousarray(arr), allow_pickle=False)
+    elif fname.lower().endswith(".npy"):
+        with open(tmp, "wb") as fh:
+            np.lib.format.write_array(fh, np.ascontiguousarray(content), allow_pickle=False)
+    else:
+        from PIL import Image
+        arr = content[:, :, 0] if content.ndim == 3 and content.shape[2] == 1 else content
+        Image.fromarray(arr).save(tmp, format="PNG")
