@@ -448,3 +448,31 @@ def test_missing_packaged_model_gives_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(pre, "PRETRAINED_DIR", tmp_path)
     with pytest.raises(pre.PretrainedMissingError, match="vdm train --preset compress"):
         pre.default_model_path()
+
+
+def test_fuzzed_files_are_refused_or_decode_exactly(model):
+    """A seeded slice of bench/fuzz_codec.py: mutated files (checksums mostly recomputed) are refused with a
+    format or model error, or decode to exactly the original pixels; nothing else, and nothing slow."""
+    from vdm.codec.fuzz import fuzz
+    rng = np.random.default_rng(11)
+    originals = [some_images(2), [rng.integers(0, 256, (6, 5, 1), dtype=np.uint8)] * 2]
+    files = [compress_images(imgs, model, FAST, names=[f"{i}.png" for i in range(len(imgs))]) for imgs in originals]
+    report = fuzz(files, originals, model, 400, seed=3, time_limit=10.0)
+    assert report.ok, (report.crashes + report.wrong + report.slow)[:5]
+    assert report.refused > 300 and report.cases == 400
+    assert set(report.by_mutation) == {"flip", "overwrite", "truncate", "splice", "insert", "delete", "forge"}
+
+
+def test_a_forged_image_table_does_not_decode():
+    """Changing an image's declared layout (grey ↔ RGB) and recomputing the checksum makes the stream fail its
+    checks: the masks depend on the whole header (container.coding_key)."""
+    from vdm.codec.fuzz import recrc
+    model = tiny(0)
+    img = np.random.default_rng(4).integers(0, 256, (6, 6, 1), dtype=np.uint8)
+    data = bytearray(compress_images([img], model, FAST))
+    c = container.unpack(bytes(data))
+    assert c.images[0].mode == 1
+    pos = bytes(data).index(bytes([1, 1, 1, 6, 6]))  # run count 1 image table: n_runs, count, mode, h, w
+    data[pos + 2] = 0  # mode 1 (H×W×1) → 0 (H×W): the same pixels in another layout
+    with pytest.raises(CodecFormatError):
+        decompress_images(recrc(bytes(data)), model)

@@ -24,6 +24,7 @@ The encoder and the decoder must compute bit-identical distributions: they share
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Sequence
 
@@ -225,33 +226,47 @@ def mask_words(n: int, std_bins: float) -> int:
     return int(math.ceil((MASK_MARGIN * bits * n + 24) / MASK_BITS))
 
 
-def mask_stack(coder, step: int, k: int) -> None:
-    """XOR the top k MASK_BITS-bit words of the stack with the fixed mask of `step` (its own inverse; 0 bits)."""
+def hash_bytes(domain: bytes, n: int) -> bytes:
+    """n pseudo-random bytes: SHA-256 in counter mode, the digests of domain ‖ uint32 LE counter (0, 1, …)
+    concatenated. The same on every machine and with every library version."""
+    return b"".join(hashlib.sha256(domain + i.to_bytes(4, "little")).digest() for i in range((n + 31) // 32))[:n]
+
+
+def mask_values(key: bytes, step: int, k: int) -> np.ndarray:
+    """The k MASK_BITS-bit mask words of chain step `step`: little-endian uint16 from
+    hash_bytes(b"vdm-mask" ‖ key ‖ uint32 LE step ‖ uint32 LE k, 2k)."""
+    domain = b"vdm-mask" + key + step.to_bytes(4, "little") + k.to_bytes(4, "little")
+    return np.frombuffer(hash_bytes(domain, 2 * k), dtype="<u2").astype(np.int64)
+
+
+def mask_stack(coder, step: int, k: int, key: bytes = b"") -> None:
+    """XOR the top k MASK_BITS-bit words of the stack with the mask of `step` (its own inverse; 0 bits)."""
     uniform = _model.Uniform(1 << MASK_BITS)
     words = coder.decode(uniform, k).astype(np.int64)
-    mask = np.random.default_rng([0x5EED, step, k]).integers(0, 1 << MASK_BITS, k)
-    coder.encode_reverse((words ^ mask).astype(np.int32), uniform)
+    coder.encode_reverse((words ^ mask_values(key, step, k)).astype(np.int32), uniform)
 
 
-def encode_stage(coder, chain: Chain, eps_fn: EpsFn, groups: Sequence[np.ndarray], vocab: int = 256) -> int:
+def encode_stage(coder, chain: Chain, eps_fn: EpsFn, groups: Sequence[np.ndarray], vocab: int = 256,
+                 key: bytes = b"") -> int:
     """Push the integer images `groups` (each (n, C, h, w)) onto `coder` by bits-back through the chain.
 
     `eps_fn(z_groups, i)` returns ε̂(z_{t_i}; γ(t_i)) for latents shaped like `groups` (float64 arrays).
     Returns the smallest size of the stack (bits) after any pop: if it reaches 0 the pops read past the bottom
     of the stack (zeros, not random bits), which stays decodable but draws latents far from q and costs rate.
+    `key` (the file's `container.coding_key`) selects the masks; the decoder must use the same.
     """
     models = _Gaussians()
     shapes = [g.shape for g in groups]
     x = _flatten(groups)
     f = 2 * (x + 0.5) / vocab - 1
     mean, std = _q0_mean(chain, f)
-    mask_stack(coder, 0, mask_words(len(x), std))
+    mask_stack(coder, 0, mask_words(len(x), std), key)
     z = pop_gaussian(coder, models, mean, std, escape=False)
     low = coder.num_bits()
     _push_x(coder, chain, x, z, vocab)
     for i in range(1, chain.T + 1):
         mean, std = _q_step(chain, i, z)
-        mask_stack(coder, i, mask_words(len(z), std))
+        mask_stack(coder, i, mask_words(len(z), std), key)
         zt = pop_gaussian(coder, models, mean, std, escape=False)
         low = min(low, coder.num_bits())
         mean, std = _p_step(chain, i, zt, _eps(eps_fn, chain, i, zt, shapes))
@@ -263,7 +278,7 @@ def encode_stage(coder, chain: Chain, eps_fn: EpsFn, groups: Sequence[np.ndarray
 
 
 def decode_stage(coder, chain: Chain, eps_fn: EpsFn, shapes: Sequence[tuple[int, ...]],
-                 vocab: int = 256) -> list[np.ndarray]:
+                 vocab: int = 256, key: bytes = b"") -> list[np.ndarray]:
     """Inverse of `encode_stage`: pop images of the given shapes (int64 arrays) off `coder`."""
     models = _Gaussians()
     n = sum(math.prod(s) for s in shapes)
@@ -274,7 +289,7 @@ def decode_stage(coder, chain: Chain, eps_fn: EpsFn, shapes: Sequence[tuple[int,
         zs = pop_gaussian(coder, models, mean, std, escape=True)
         mean, std = _q_step(chain, i, zs)
         push_gaussian(coder, models, z, mean, std, escape=False)
-        mask_stack(coder, i, mask_words(len(z), std))
+        mask_stack(coder, i, mask_words(len(z), std), key)
         z = zs
     x = _pop_x(coder, chain, z, vocab)
     if (x < 0).any() or (x >= vocab).any():
@@ -282,7 +297,7 @@ def decode_stage(coder, chain: Chain, eps_fn: EpsFn, shapes: Sequence[tuple[int,
     f = 2 * (x + 0.5) / vocab - 1
     mean, std = _q0_mean(chain, f)
     push_gaussian(coder, models, z, mean, std, escape=False)
-    mask_stack(coder, 0, mask_words(len(z), std))
+    mask_stack(coder, 0, mask_words(len(z), std), key)
     return _unflatten(x, shapes)
 
 

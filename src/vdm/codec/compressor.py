@@ -14,7 +14,6 @@ same kind of GPU.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -26,7 +25,7 @@ import torch
 
 from vdm.codec import bitsback, tiling
 from vdm.codec.chain import Chain, gammas, make_chain
-from vdm.codec.container import (FINGERPRINT_BYTES, MODES, CodecFormatError, CodingParams, Container,
+from vdm.codec.container import (FINGERPRINT_BYTES, MODES, CodecFormatError, CodingParams, Container, coding_key,
                                  ImageInfo, pack, unpack)
 from vdm.codec.fingerprint import model_fingerprint
 
@@ -61,8 +60,7 @@ def _chw(img: np.ndarray) -> np.ndarray:
 
 
 def _words(domain: bytes, n: int) -> np.ndarray:
-    blocks = b"".join(hashlib.sha256(domain + i.to_bytes(4, "little")).digest() for i in range((4 * n + 31) // 32))
-    return np.frombuffer(blocks[:4 * n], dtype="<u4").astype(np.uint32)
+    return np.frombuffer(bitsback.hash_bytes(domain, 4 * n), dtype="<u4").astype(np.uint32)
 
 
 def seed_words(n: int) -> np.ndarray:
@@ -73,9 +71,10 @@ def seed_words(n: int) -> np.ndarray:
     return words
 
 
-def topup_words(stage: int, n: int) -> np.ndarray:
-    """The pseudo-random words pushed before stage `stage` (fresh bits for its pops), uint32 (n,)."""
-    return _words(b"vdm-bits-back-top-up" + stage.to_bytes(4, "little"), n)
+def topup_words(stage: int, n: int, key: bytes = b"") -> np.ndarray:
+    """The pseudo-random words pushed before stage `stage` (fresh bits for its pops), uint32 (n,); `key` is the
+    file's `container.coding_key`."""
+    return _words(b"vdm-bits-back-top-up" + key + stage.to_bytes(4, "little"), n)
 
 
 # A stage is planned to borrow at most HEADROOM·(estimated peak) + SLACK_BITS bits from the stack; if its pops
@@ -175,6 +174,8 @@ def compress_images(images: Sequence[np.ndarray], model, params: CodingParams = 
         tiling.plane_channels(im.shape[0], C)  # raises for channel counts the model cannot code
     model.eval()
     chain = _chain(model, params)
+    fp = model_fingerprint(model)[:FINGERPRINT_BYTES]
+    key = coding_key(fp, params, infos)
     tiles = tiling.plan_units([im.shape for im in chw], C, params.tile)
     _check_unit_sizes(tiles)
     per_dim = bitsback.deficit_bits_per_dim(chain)
@@ -204,8 +205,8 @@ def compress_images(images: Sequence[np.ndarray], model, params: CodingParams = 
             extra = max(0, math.ceil((_headroom(need) - budget) / 32))
             while True:  # normally once; again with more fresh bits if the estimate fell short
                 trial = coder.clone()
-                bitsback.push_words(trial, topup_words(len(stages), extra))
-                if bitsback.encode_stage(trial, chain, net, groups, model.config.vocab_size) >= SAFE_BITS:
+                bitsback.push_words(trial, topup_words(len(stages), extra, key))
+                if bitsback.encode_stage(trial, chain, net, groups, model.config.vocab_size, key) >= SAFE_BITS:
                     break
                 extra += max(8, math.ceil(0.25 * need / 32))
             coder = trial
@@ -213,7 +214,6 @@ def compress_images(images: Sequence[np.ndarray], model, params: CodingParams = 
             topups.append(extra)
             bar.update(sum(u.h * u.w for u in stage))
     bar.close()
-    fp = model_fingerprint(model)[:FINGERPRINT_BYTES]
     return pack(Container(fp, params, 0, infos, stages, coder.get_compressed(), topups, plan.flags))
 
 
@@ -252,6 +252,7 @@ def decompress_images(data: bytes, model, progress: bool = False) -> list[Decode
         raise CodecFormatError("the stage table does not match the images")
     model.eval()
     chain = _chain(model, params)
+    key = coding_key(c.fingerprint, params, c.images)
     net = _Network(model, chain, params.batch, params.conditioning)
     out = [np.zeros(s, dtype=np.uint8) for s in shapes]
     coder = constriction.stream.stack.AnsCoder(c.payload)
@@ -264,11 +265,11 @@ def decompress_images(data: bytes, model, progress: bool = False) -> list[Decode
                 stage = units[end - size:end]
                 idxs = _stage_groups(stage)
                 gshapes = [(len(idx), C, stage[idx[0]].h, stage[idx[0]].w) for idx in idxs]
-                groups = bitsback.decode_stage(coder, chain, net, gshapes, model.config.vocab_size)
+                groups = bitsback.decode_stage(coder, chain, net, gshapes, model.config.vocab_size, key)
                 for idx, g in zip(idxs, groups):
                     for unit_j, pixels in zip(idx, g):
                         tiling.place(out, stage[unit_j], pixels.astype(np.uint8), C)
-                if not np.array_equal(bitsback.pop_words(coder, c.topups[si]), topup_words(si, c.topups[si])):
+                if not np.array_equal(bitsback.pop_words(coder, c.topups[si]), topup_words(si, c.topups[si], key)):
                     raise CodecFormatError("a stage's top-up words did not decode back: the file is corrupt")
                 bar.update(sum(u.h * u.w for u in stage))
         rest = coder.get_compressed()

@@ -23,6 +23,7 @@ Every bit of the file counts towards the reported rate.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -153,13 +154,23 @@ def pack(c: Container) -> bytes:
         out += _varint(v)
     out += struct.pack("<d", p.conditioning)
     out += _varint(len(c.splits)) + np.packbits(np.asarray(c.splits, dtype=bool), bitorder="little").tobytes()
+    out += _image_table(c.images)
+    out += _varint(len(c.stages))
+    for s, t in zip(c.stages, c.topups):
+        out += _varint(s) + _varint(t)
+    out += np.asarray(c.payload, dtype="<u4").tobytes()
+    out += struct.pack("<I", zlib.crc32(bytes(out)))
+    return bytes(out)
+
+
+def _image_table(images: list[ImageInfo]) -> bytes:
     runs: list[list] = []
-    for im in c.images:
+    for im in images:
         if runs and runs[-1][1] == im:
             runs[-1][0] += 1
         else:
             runs.append([1, im])
-    out += _varint(len(runs))
+    out = bytearray(_varint(len(runs)))
     for count, im in runs:
         name = im.name.encode("utf-8")
         if len(name) > MAX_NAME:
@@ -167,12 +178,21 @@ def pack(c: Container) -> bytes:
         out += _varint(count)
         out.append(im.mode)
         out += _varint(im.height) + _varint(im.width) + _varint(len(name)) + name
-    out += _varint(len(c.stages))
-    for s, t in zip(c.stages, c.topups):
-        out += _varint(s) + _varint(t)
-    out += np.asarray(c.payload, dtype="<u4").tobytes()
-    out += struct.pack("<I", zlib.crc32(bytes(out)))
     return bytes(out)
+
+
+def coding_key(fingerprint: bytes, params: CodingParams, images: list[ImageInfo]) -> bytes:
+    """SHA-256 of what the header says before coding starts: b"vdm-coding-key", the version byte, the 16-byte
+    fingerprint, the six coding-parameter varints, the float64 conditioning and the image table, laid out as in
+    the file. The masks and top-up words of the stream are derived from it, so a header altered after encoding
+    (its checksum recomputed) no longer decodes: the stream fails its checks instead of yielding other pixels."""
+    p = params
+    h = hashlib.sha256(b"vdm-coding-key" + bytes([VERSION]) + bytes(fingerprint))
+    for v in (p.steps, p.grid_bits, p.tile, p.warmup, p.batch, p.threads):
+        h.update(_varint(v))
+    h.update(struct.pack("<d", p.conditioning))
+    h.update(_image_table(images))
+    return h.digest()
 
 
 def unpack(data: bytes) -> Container:
