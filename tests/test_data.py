@@ -470,3 +470,51 @@ def test_data_modules_do_not_import_torch():
     for f in Path(vdm.data.__file__).parent.glob("*.py"):
         src = f.read_text()
         assert "import torch" not in src and "from torch" not in src, f
+
+
+# ------------------------------------------------------------------ Debian wallpapers
+def test_wallpapers_recipe_on_stand_in_packages(tmp_path, monkeypatch):
+    """The recipe on stand-in package folders: the largest Plasma size is read, each photo is box-averaged by
+    the factors that keep its short side ≥ MIN_SHORT_SIDE, flat tiles are dropped, splits share no photo."""
+    from PIL import Image
+    from vdm.data import wallpapers as wp
+
+    mate, plasma = tmp_path / "mate", tmp_path / "plasma"
+    mate.mkdir()
+    rng = np.random.default_rng(0)
+    monkeypatch.setattr(wp, "PACKAGES", {"mate-backgrounds": mate, "plasma-workspace-wallpapers": plasma})
+    wp._photo.cache_clear()
+    images = {}
+    for name, (package, rel, _, _) in wp.WALLPAPERS.items():
+        img = rng.integers(0, 256, (400, 600, 3), dtype=np.uint8)
+        images[name] = img
+        if package == "mate-backgrounds":
+            Image.fromarray(img).save(mate / rel.replace(".jpg", ".png"))
+            (mate / rel).write_bytes((mate / rel.replace(".jpg", ".png")).read_bytes())
+        else:
+            folder = plasma / rel / "contents" / "images"
+            folder.mkdir(parents=True)
+            Image.fromarray(img).save(folder / "600x400.png")
+            Image.fromarray(img[:100, :150]).save(folder / "150x100.png")  # smaller: not used
+    try:
+        test = wp.wallpaper_tiles("test")
+        # 400×600 at factors 2 (200×300 ≥ 192) only: 6×9 tiles per photo, none flat
+        assert test.shape == (len(wp.TEST_WALLPAPERS) * 54, 3, 32, 32)
+        first = downscale(images[wp.TEST_WALLPAPERS[0]], 2)[:32, :32].transpose(2, 0, 1)
+        np.testing.assert_array_equal(test[0], first)
+        assert not set(wp.TRAIN_WALLPAPERS) & set(wp.TEST_WALLPAPERS)
+        assert len(wp.TRAIN_WALLPAPERS) + len(wp.TEST_WALLPAPERS) == len(wp.WALLPAPERS)
+    finally:
+        wp._photo.cache_clear()
+
+
+def test_wallpapers_missing_packages_name_the_install_command(tmp_path, monkeypatch):
+    from vdm.data import wallpapers as wp
+
+    monkeypatch.setattr(wp, "PACKAGES", {"mate-backgrounds": tmp_path / "m", "plasma-workspace-wallpapers": tmp_path})
+    wp._photo.cache_clear()
+    try:
+        with pytest.raises(DatasetError, match="apt-get install mate-backgrounds"):
+            load_dataset("wallpapers", "test")
+    finally:
+        wp._photo.cache_clear()

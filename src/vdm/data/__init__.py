@@ -25,6 +25,7 @@ from vdm.data.photos import (
     photo_tiles,
     tile_image,
 )
+from vdm.data.wallpapers import TEST_WALLPAPERS, TRAIN_WALLPAPERS, wallpaper_photos, wallpaper_tiles
 
 __all__ = [
     "DATASET_NAMES",
@@ -38,6 +39,10 @@ __all__ = [
     "DEFAULT_MAX_TILES_PER_PHOTO",
     "downscale",
     "tile_image",
+    "wallpaper_photos",
+    "wallpaper_tiles",
+    "TRAIN_WALLPAPERS",
+    "TEST_WALLPAPERS",
     "read_idx",
     "load_mnist",
     "load_fashion_mnist",
@@ -51,7 +56,7 @@ __all__ = [
 ]
 
 #: Names accepted by :func:`load_dataset`.
-DATASET_NAMES = ("photos", "fashion_mnist", "mnist", "cifar10", "imagenet32", "imagenet64", "folder")
+DATASET_NAMES = ("photos", "wallpapers", "fashion_mnist", "mnist", "cifar10", "imagenet32", "imagenet64", "folder")
 
 # Datasets whose image size is fixed by the files.
 _NATIVE_SIZE = {"fashion_mnist": 28, "mnist": 28, "cifar10": 32, "imagenet32": 32, "imagenet64": 64}
@@ -70,6 +75,8 @@ def load_dataset(
     name:
       * ``"photos"``: the embedded photo tiles (no ``root``); ``image_size`` is the
         tile size (default 32); splits 'train', 'test', 'all'.
+      * ``"wallpapers"``: tiles of the photographs of Debian's wallpaper packages
+        (:mod:`vdm.data.wallpapers`; no ``root``); like ``"photos"``.
       * ``"fashion_mnist"``: IDX files in ``root`` (default the Debian package's
         ``/usr/share/datasets/fashion-mnist``); ``N x 1 x 28 x 28``.
       * ``"mnist"``: IDX files in ``root`` (required); ``N x 1 x 28 x 28``.
@@ -96,6 +103,10 @@ def load_dataset(
         if root is not None:
             raise ValueError("the embedded 'photos' dataset takes no root")
         x = photo_tiles(split, tile_size=size)
+    elif name == "wallpapers":
+        if root is not None:
+            raise ValueError("the 'wallpapers' dataset reads Debian's installed wallpaper packages and takes no root")
+        x = wallpaper_tiles(split, tile_size=size)
     elif name == "fashion_mnist":
         x = load_fashion_mnist(split, FASHION_MNIST_ROOT if root is None else root)
     elif name == "mnist":
