@@ -37,8 +37,8 @@ def test_auto_on_cuda_uses_bf16_from_compute_capability_8(capability, native):
 
 def test_explicit_choices_are_kept_and_emulated_bf16_is_flagged():
     assert P.choose_precision("fp32", "cpu", cpu_flags=SAPPHIRE_RAPIDS).precision == "fp32"
-    assert P.choose_precision("bf16", "cpu", cpu_flags=AVX2) == P.Choice("bf16", "bf16 as asked (CPU without "
-                                                                         "native bf16)", emulated=True)
+    assert P.choose_precision("bf16", "cpu", cpu_flags=AVX2) == P.Choice("bf16", "bf16 as asked; CPU without "
+                                                                         "native bf16", emulated=True)
     assert not P.choose_precision("bf16", "cpu", cpu_flags=AVX512_BF16).emulated
     assert P.choose_precision("bf16", "cuda", cuda_capability=(7, 0)).emulated
     assert not P.choose_precision("bf16", "cuda", cuda_capability=(8, 0)).emulated
@@ -138,6 +138,8 @@ def test_winograd_convolution_and_its_gradients_match_the_direct_one():
     for direct, wino in zip(*results):
         torch.testing.assert_close(wino, direct, rtol=1e-4, atol=1e-4 * float(direct.abs().max()))
     assert not torch.equal(results[0][0], results[1][0])  # the Winograd path was taken (it rounds differently)
+    with winograd.use_winograd(True):  # deterministic, as exact resume needs
+        assert torch.equal(conv(x), results[1][0])
     with winograd.use_winograd(True):  # float64 always takes the direct path, exactly
         x64, conv64 = x.detach().double(), Conv3x3(32, 48).double()
         assert torch.equal(conv64(x64), torch.nn.functional.conv2d(x64, conv64.weight, conv64.bias, padding=1))

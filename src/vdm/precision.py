@@ -58,7 +58,7 @@ def choose_precision(requested: str, device_type: str, *, cpu_flags: frozenset[s
         return Choice("fp32", "fp32 as asked")
     if requested == "bf16":
         emulated = device_type in ("cpu", "cuda") and not native
-        return Choice("bf16", f"bf16 as asked ({where})", emulated=emulated)
+        return Choice("bf16", f"bf16 as asked; {where}", emulated=emulated)
     return Choice("bf16" if native else "fp32", f"auto: {where}")
 
 
