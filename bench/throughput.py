@@ -42,9 +42,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from vdm import VDM
+from vdm.config import OptimConfig
 from vdm.nets.winograd import use_winograd
 from vdm.precision import cpu_summary, resolve_conv_algorithm, resolve_precision
 from vdm.train.ema import EMA
+from vdm.train.optim import make_optimizer
 
 PRESETS = {
     "cifar10": dict(n_embd=128, n_layer=32, image_size=32, dropout=0.1, gamma_type="learned_linear"),
@@ -155,7 +157,7 @@ def step_function(model: VDM, x: torch.Tensor, pass_: str, precision: str, conv:
         return run
 
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01)
+    optimizer = make_optimizer(model, OptimConfig())  # as `vdm train`: AdamW lr 2e-4, β (0.9, 0.99), decay 0.01
     ema = EMA(model, ema_decay)
     step = [0]
 
