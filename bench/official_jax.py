@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     state, _ = jax.block_until_ready(step(state, data))
     first = time.perf_counter() - t0
+    print(f"first call (compilation and one step): {first:.1f} s wall", file=sys.stderr, flush=True)
     for _ in range(args.warmup):
         state, _ = jax.block_until_ready(step(state, data))
     times = []

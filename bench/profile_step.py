@@ -3,7 +3,8 @@
 Prints the profiler's table of operators (self CPU time, top N) and a summary by kind of work: convolutions
 (forward and backward), GroupNorm, swish, attention, the loss's element-wise work, the optimiser, the rest.
 
-    python bench/profile_step.py --network cifar10 --batch 8 --threads 1            # fp32, eager
+    python bench/profile_step.py --network cifar10 --batch 8 --threads 1            # fp32, eager, direct
+    python bench/profile_step.py --network cifar10 --batch 8 --threads 1 --conv winograd
     python bench/profile_step.py --network cifar10 --batch 8 --threads 1 --channels-last
 """
 
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--conv", choices=["direct", "winograd"], default="direct", help="3×3 convolution algorithm")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--top", type=int, default=30, help="operators in the table")
     args = p.parse_args(argv)
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cpu")
     preset = tp.PRESETS[args.network]
     model = tp.build(preset, device, "eager", args.channels_last)
-    fn = tp.step_function(model, tp.images(preset, args.batch, device), "train", args.precision)
+    fn = tp.step_function(model, tp.images(preset, args.batch, device), "train", args.precision, args.conv)
     fn(), fn()  # warm-up: oneDNN primitive caches, optimiser state
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         wall = time.perf_counter() - t0
     events = prof.key_averages()
     print(f"{args.network} training step, batch {args.batch}, {args.precision}, {args.threads} thread(s), "
-          f"channels_last={args.channels_last}: {wall:.2f} s wall under the profiler")
+          f"{args.conv} convolutions, channels_last={args.channels_last}: {wall:.2f} s wall under the profiler")
     print(events.table(sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=48))
     by_kind: dict[str, float] = {}
     for e in events:

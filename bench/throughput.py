@@ -67,19 +67,30 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 CLOCK = CLOCKS["wall"]
 
 
-def median_seconds(fn: Callable[[], object], iters: int, warmup: int, device: torch.device) -> float:
-    """Median seconds of one call of `fn` after `warmup` untimed calls, on CLOCK.
+def median_seconds(fn: Callable[[], object], iters: int, warmup: int, device: torch.device,
+                   budget_s: float | None = None) -> float:
+    """Median seconds of one call of `fn` after `warmup` untimed calls, on CLOCK; with `budget_s`, warm-up
+    and timed calls stop once that much wall-clock time has passed (at least one call is timed).
 
     CLOCK is wall-clock time, or with `--clock cpu` this process's CPU time divided by the thread count: on a
     machine shared with other jobs that is less disturbed by time slicing (use it with --threads 1, since
     threads spinning at barriers while another is descheduled also burn CPU time).
     """
+    start = time.perf_counter()
+
+    def over_budget() -> bool:
+        return budget_s is not None and time.perf_counter() - start > budget_s
+
     for _ in range(warmup):
+        if over_budget():
+            break
         fn()
     _sync(device)
     times = []
     per_thread = torch.get_num_threads() if CLOCK is time.process_time else 1
     for _ in range(iters):
+        if times and over_budget():
+            break
         t0 = CLOCK()
         fn()
         _sync(device)
@@ -188,7 +199,7 @@ def measure_row(network: str, pass_: str, precision: str, conv: str, mode: str, 
     fn()  # first call: compiles in "compile" mode
     _sync(device)
     t_compile = time.perf_counter() - t_compile
-    sec = median_seconds(fn, args.iters, args.warmup, device)
+    sec = median_seconds(fn, args.iters, args.warmup, device, args.row_budget)
     ips = batch / sec
     achieved = flops_per_image * ips
     return dict(network=network, **{"pass": pass_}, precision=precision, conv=conv, mode=mode, batch=batch,
@@ -275,19 +286,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch.compile mode for --modes compile (default, reduce-overhead, max-autotune)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
                    help="run the network in channels-last memory format")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default: torch's choice; --quick on CPU: 1)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:k]")
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                    help="wall-clock time (default) or process CPU time per thread (steadier on a busy machine)")
     p.add_argument("--quick", action="store_true",
                    help="small net (train/eval, fp32/bf16 where native, eager) + CIFAR-10 training steps at batch 2 "
-                        "(auto precision); 1-3 minutes on any CPU")
+                        "(auto precision), one thread, at most 15 s of timing per row; 1-3 minutes on any CPU")
+    p.add_argument("--row-budget", type=float, default=None, metavar="SECONDS",
+                   help="stop a row's warm-up and timed iterations after this much wall-clock time (at least one "
+                        "is timed; --quick: 15)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args(argv)
     args.iters = args.iters or (3 if args.quick else 5)
     args.warmup = 1 if args.warmup is None else args.warmup
     if args.quick:
-        args.warmup = min(args.warmup, 1)
+        args.warmup = 0  # the first, untimed call warms up
+        args.row_budget = 15.0 if args.row_budget is None else args.row_budget
+        if args.threads is None and args.device == "cpu":
+            args.threads = 1  # two threads on a loaded 2-core machine made --quick 4 minutes long
     return args
 
 
