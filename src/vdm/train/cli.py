@@ -23,7 +23,8 @@ overrides (--set SECTION.KEY=VALUE, repeatable) are type-checked against the con
   optim.*  (lr, beta1, beta2, eps, weight_decay, warmup_steps, grad_clip)
   data.*   (name, root, test_split, test_images)
   run.*    (seed, batch_size, max_steps, ema_decay, ema_warmup, log_every, eval_every, checkpoint_every,
-            keep_last, max_nonfinite, device, precision (auto, bf16, fp32), compile, progress, tensorboard)
+            keep_last, max_nonfinite, device, precision (auto, bf16, fp32), conv_algorithm (auto,
+            winograd, direct), compile, progress, tensorboard)
 Use --print-config to see every key with its resolved value.
 """
 
