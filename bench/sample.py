@@ -5,7 +5,7 @@ the weights), after one untimed warm-up run with a few steps (which also compile
 seconds per image, seconds per step for the whole batch, and the achieved FLOP/s of the network evaluations
 (FlopCounterMode on the meta device, one forward per step; element-wise work not counted).
 
-    python bench/sample.py                                        # small net, T = 100, batch 8, fp32 and bf16
+    python bench/sample.py                                        # small net, T = 100, batch 8, auto precision
     python bench/sample.py --network cifar10 --steps 1000 --batch 4 --precisions bf16
     python bench/sample.py --n-embd 96 --n-layer 8 --steps 50 --modes eager compile --json
 """
@@ -24,6 +24,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from vdm import VDM, VDMConfig
+from vdm.precision import PRECISIONS, resolve_precision
 
 PRESETS = {
     "cifar10": dict(n_embd=128, n_layer=32, image_size=32, dropout=0.1, gamma_type="learned_linear"),
@@ -94,7 +95,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="self-attention after every block")
     p.add_argument("--steps", type=int, default=100, help="T, the number of ancestral steps")
     p.add_argument("--batch", type=int, default=8, help="images drawn at once")
-    p.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    p.add_argument("--precisions", nargs="+", choices=list(PRECISIONS), default=["auto"],
+                   help="auto (default: bf16 where native, else fp32), bf16, fp32; bf16 where it would be "
+                        "emulated is skipped unless --allow-emulated")
+    p.add_argument("--allow-emulated", action="store_true", help="also run bf16 where it is emulated")
     p.add_argument("--modes", nargs="+", choices=["eager", "compile"], default=["eager"],
                    help="eager, and/or torch.compile of the score network")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
@@ -116,7 +120,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     config = network_config(args)
     rows = []
-    for precision in args.precisions:
+    for requested in args.precisions:
+        choice = resolve_precision(requested, args.device, warn=False)
+        precision = choice.precision
+        if choice.emulated and not args.allow_emulated:
+            print(f"{requested}: skipped, bf16 would be emulated in software here ({choice.reason}); "
+                  "--allow-emulated runs it anyway", flush=True)
+            continue
         for mode in args.modes:
             r = time_sampling(config, precision, mode, args)
             rows.append(r)

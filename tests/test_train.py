@@ -116,17 +116,24 @@ def test_presets_load_and_match_the_paper():
 
 
 def test_overrides_are_typed():
-    c = apply_overrides(TrainConfig(), ["optim.lr=1e-3", "model.n_layer=3", "run.bf16=true",
+    c = apply_overrides(TrainConfig(), ["optim.lr=1e-3", "model.n_layer=3", "run.precision=bf16",
                                         "data.root=/some/where", "model.fourier_exponents=[5, 6]",
                                         "optim.warmup_steps=10.0", "data.root=none",
                                         "model.gamma_type=learned_nnet"])
-    assert (c.optim.lr, c.model.n_layer, c.run.bf16, c.data.root) == (1e-3, 3, True, None)
+    assert (c.optim.lr, c.model.n_layer, c.run.precision, c.data.root) == (1e-3, 3, "bf16", None)
     assert c.model.fourier_exponents == (5, 6) and c.optim.warmup_steps == 10
     assert c.model.gamma_type == "learned_nnet"
-    for bad in ("model.n_layer=x", "run.bf16=1", "optim.lr=fast", "model.nope=1", "nosection.a=1", "lr=1",
+    for bad in ("model.n_layer=x", "run.bf16=1", "run.precision=fp16", "optim.lr=fast", "model.nope=1", "nosection.a=1", "lr=1",
                 "model.gamma_type=cosine", "model.n_layer=2.5"):
         with pytest.raises(ConfigError):
             apply_overrides(TrainConfig(), [bad])
+
+
+def test_configs_with_the_old_bf16_key_still_load():
+    """Configs written before run.precision existed said run.bf16 = true/false: read as "bf16"/"fp32"."""
+    assert apply_overrides(TrainConfig(), ["run.bf16=true"]).run.precision == "bf16"
+    assert TrainConfig.from_dict({"run": {"bf16": False}}).run.precision == "fp32"
+    assert TrainConfig().run.precision == "auto"
 
 
 def test_config_files_are_checked(tmp_path):

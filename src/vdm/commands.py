@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from vdm.checkpoint import CheckpointError, load_model, resolve_model_path
+from vdm.precision import PRECISIONS, resolve_precision
 
 NATIVE_SIZE_DATASETS = ("fashion_mnist", "mnist", "cifar10", "imagenet32", "imagenet64")
 TARGET_HELP = "a model file (.safetensors), a checkpoint directory or a run directory (uses checkpoints/best)"
@@ -40,6 +41,17 @@ def _default_device() -> str:
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("target", metavar="RUN_OR_CHECKPOINT", help=TARGET_HELP)
     p.add_argument("--device", default=_default_device(), help="torch device (default: %(default)s)")
+
+
+def _add_precision(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto (default): bf16 autocast where the hardware has native bf16 (CPU with AVX-512 "
+                        "BF16 or AMX, CUDA compute capability ≥ 8.0), else fp32; bf16 elsewhere is emulated "
+                        "(slow) and warns")
+
+
+def _precision(args) -> str:
+    return resolve_precision(args.precision, args.device).precision
 
 
 def _add_data(p: argparse.ArgumentParser) -> None:
@@ -144,7 +156,7 @@ def _register_eval(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="network batch (default: %(default)s)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="use N images spread evenly over the split")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (faster, less exact)")
+    _add_precision(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the text line")
     _add_conditioning(p)
     p.set_defaults(func=_guarded(cmd_eval))
@@ -158,7 +170,7 @@ def cmd_eval(args) -> int:
     model = _load(args.target, args.device)
     x, name = load_images(args, model, limit=args.limit)
     r = evaluate(model, x, steps=args.steps, time_samples=args.time_samples, batch_size=args.batch_size,
-                 seed=args.seed, progress=True, bf16=args.bf16, conditioning=args.conditioning)
+                 seed=args.seed, progress=True, precision=_precision(args), conditioning=args.conditioning)
     if args.json:
         out = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
         out.update(data=name, split=args.split, seed=args.seed,
@@ -183,6 +195,7 @@ def _register_sample(sub) -> None:
     p.add_argument("--out", default="samples.png", help="output PNG grid (default: %(default)s)")
     p.add_argument("--image-size", type=int, default=None, help="H = W (default: the model's)")
     p.add_argument("--nrow", type=int, default=None, help="images per grid row (default: ⌈√N⌉)")
+    _add_precision(p)
     p.set_defaults(func=_guarded(cmd_sample))
 
 
@@ -196,7 +209,7 @@ def cmd_sample(args) -> int:
         raise CommandError("-n, --steps and --image-size must be positive")
     model = _load(args.target, args.device)
     images = sample_images(model, args.num, args.steps, seed=args.seed, image_size=args.image_size,
-                           progress=True)
+                           progress=True, precision=_precision(args))
     npz = out.with_suffix(".npz")
     if images.shape[1] in (1, 3):
         save_grid_png(images, out, nrow=args.nrow)

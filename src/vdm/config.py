@@ -21,6 +21,7 @@ from importlib import resources
 from pathlib import Path
 
 from vdm.model import VDMConfig
+from vdm.precision import CONV_ALGORITHMS, PRECISIONS
 
 
 class ConfigError(ValueError):
@@ -72,7 +73,8 @@ class RunConfig:
     keep_last: int = 3  # checkpoints kept (plus the best by test bpd)
     max_nonfinite: int = 20  # stop after this many consecutive non-finite losses
     device: str = "auto"  # "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1", ...
-    bf16: bool = False  # bfloat16 autocast for the forward pass
+    precision: str = "auto"  # "auto" (bf16 autocast where the hardware has native bf16, else fp32), "bf16", "fp32"
+    conv_algorithm: str = "auto"  # 3×3 convs in training: auto (Winograd on AVX2 CPUs w/o AVX-512), winograd, direct
     compile: bool = False  # torch.compile the score network
     progress: bool = True  # tqdm progress bar
     tensorboard: bool = True  # also write TensorBoard logs when torch.utils.tensorboard imports
@@ -103,6 +105,23 @@ class TrainConfig:
 
 
 SECTIONS = {"model": VDMConfig, "optim": OptimConfig, "data": DataConfig, "run": RunConfig}
+
+
+
+def upgrade_legacy(d: dict) -> dict:
+    """`d` with keys of older configs renamed: run.bf16 = true/false became run.precision = "bf16"/"fp32";
+    such runs used direct convolutions (run.conv_algorithm = "direct")."""
+    run = d.get("run") if isinstance(d, dict) else None
+    if not isinstance(run, dict) or "bf16" not in run:
+        return d
+    run = dict(run)
+    bf16 = run.pop("bf16")
+    if "precision" not in run and isinstance(bf16, bool):
+        run["precision"] = "bf16" if bf16 else "fp32"
+        run.setdefault("conv_algorithm", "direct")
+    elif not isinstance(bf16, bool):
+        run["bf16"] = bf16  # left for merge to refuse with its usual message
+    return {**d, "run": run}
 
 
 # --- values and types ---------------------------------------------------------------------------------------
@@ -158,6 +177,7 @@ def merge(config: TrainConfig, d: dict, source: str) -> TrainConfig:
     """A new config: `config` with the nested dict `d` ({section: {key: value}}) applied, types checked."""
     if not isinstance(d, dict):
         raise ConfigError(f"{source}: expected a table of sections, got {type(d).__name__}")
+    d = upgrade_legacy(d)
     sections = {}
     for name, cls in SECTIONS.items():
         current = getattr(config, name)
@@ -170,6 +190,9 @@ def merge(config: TrainConfig, d: dict, source: str) -> TrainConfig:
             raise ConfigError(f"{source}: unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; "
                               f"known: {', '.join(sorted(types_))}")
         changes = {k: coerce(v, types_[k], f"{source}: {name}.{k}") for k, v in values.items()}
+        for key, allowed in (("precision", PRECISIONS), ("conv_algorithm", CONV_ALGORITHMS)):
+            if name == "run" and changes.get(key, allowed[0]) not in allowed:
+                raise ConfigError(f"{source}: run.{key} must be one of {', '.join(allowed)}, got {changes[key]!r}")
         try:
             sections[name] = dataclasses.replace(current, **changes)
         except (TypeError, ValueError) as e:

@@ -20,6 +20,7 @@ from torch import Tensor
 from vdm import losses, process
 from vdm.losses import bits_per_dim
 from vdm.model import VDM
+from vdm.precision import autocast
 
 COMPONENTS = ("prior", "recon", "diff")
 
@@ -55,15 +56,16 @@ def evaluation_mode(model: VDM, steps: int) -> Iterator[VDM]:
 
 @torch.no_grad()
 def image_losses(model: VDM, data: np.ndarray | Tensor, *, steps: int = 0, time_samples: int = 1,
-                 batch_size: int = 64, seed: int = 0, progress: bool = True, bf16: bool = False,
+                 batch_size: int = 64, seed: int = 0, progress: bool = True, precision: str = "fp32",
                  conditioning: float = 0.0) -> np.ndarray:
     """Per-image loss terms in bits per dimension, each the mean over `time_samples` draws: (N, 3) float64.
 
     Columns are prior, reconstruction and diffusion (`COMPONENTS`); their row sum is the image's negative VLB
     in bits per dimension. `steps` = 0 uses the continuous-time diffusion loss, `steps` = T > 0 the T-step
     discrete-time loss. `data` holds integer images (N, C, H, W). `batch_size` counts network evaluations
-    (image × draw) per forward pass. `conditioning` is the network's conditioning input (0: un-augmented
-    images of an augmentation-conditioned model, and every other model).
+    (image × draw) per forward pass. `precision` "fp32" or "bf16" (autocast; see `vdm.precision`).
+    `conditioning` is the network's conditioning input (0: un-augmented images of an augmentation-conditioned
+    model, and every other model).
     """
     if steps < 0 or time_samples < 1 or batch_size < 1:
         raise ValueError("steps must be ≥ 0, time_samples and batch_size ≥ 1")
@@ -74,8 +76,7 @@ def image_losses(model: VDM, data: np.ndarray | Tensor, *, steps: int = 0, time_
     out = np.zeros((N, len(COMPONENTS)), dtype=np.float64)
     per_pass = max(1, batch_size // K)  # images per chunk; a chunk's N·K rows are split into batches
     bar = _progress(N, progress)
-    device_type = model.device.type
-    with evaluation_mode(model, steps), torch.autocast(device_type, torch.bfloat16, enabled=bf16):
+    with evaluation_mode(model, steps), autocast(precision, model.device):
         for start in range(0, N, per_pass):
             idx = range(start, min(start + per_pass, N))
             draws = [image_noise(seed, i, tuple(data.shape[1:]), K) for i in idx]
@@ -156,7 +157,7 @@ def summarise(terms: np.ndarray, *, steps: int = 0, time_samples: int = 1) -> di
 
 
 def evaluate(model: VDM, data: np.ndarray | Tensor, *, steps: int = 0, time_samples: int = 1,
-             batch_size: int = 64, seed: int = 0, progress: bool = True, bf16: bool = False,
+             batch_size: int = 64, seed: int = 0, progress: bool = True, precision: str = "fp32",
              conditioning: float = 0.0) -> dict:
     """The test-set negative VLB of `model` on integer images `data` (N, C, H, W), in bits per dimension.
 
@@ -165,7 +166,7 @@ def evaluate(model: VDM, data: np.ndarray | Tensor, *, steps: int = 0, time_samp
     without gradients; the model is left as it was. Deterministic for a given `seed`.
     """
     terms = image_losses(model, data, steps=steps, time_samples=time_samples, batch_size=batch_size,
-                         seed=seed, progress=progress, bf16=bf16, conditioning=conditioning)
+                         seed=seed, progress=progress, precision=precision, conditioning=conditioning)
     return summarise(terms, steps=steps, time_samples=time_samples)
 
 

@@ -19,6 +19,7 @@ from torch import Tensor
 from vdm import process
 from vdm.files import atomic_write
 from vdm.model import VDM
+from vdm.precision import autocast
 
 
 def uniform_times(steps: int) -> list[float]:
@@ -76,14 +77,17 @@ def ancestral_sample(model: VDM, z_1: Tensor, steps: int, *, generator: torch.Ge
 
 
 def sample_images(model: VDM, n: int, steps: int, *, seed: int | None = None,
-                  image_size: int | tuple[int, int] | None = None, progress: bool = False) -> Tensor:
+                  image_size: int | tuple[int, int] | None = None, progress: bool = False,
+                  precision: str = "fp32") -> Tensor:
     """`n` images from z_1 ~ N(0, I) with `steps` ancestral steps; a seed gives the images of
-    `model.sample(n, steps, torch.Generator(model.device).manual_seed(seed))`."""
+    `model.sample(n, steps, torch.Generator(model.device).manual_seed(seed))` (in fp32; `precision` "bf16"
+    runs the network under bfloat16 autocast)."""
     generator = None
     if seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(int(seed))
     z_1 = prior_latent(model, n, image_size=image_size, generator=generator)
-    return ancestral_sample(model, z_1, steps, generator=generator, progress=progress)
+    with autocast(precision, model.device):
+        return ancestral_sample(model, z_1, steps, generator=generator, progress=progress)
 
 
 # --- writing images ---------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vdm.nets.winograd import conv3x3
+
 GN_GROUPS = 32
 GN_EPS = 1e-6
 
@@ -83,6 +85,32 @@ def official_init_(net: nn.Module) -> None:
         nn.init.zeros_(net.conv_out.weight)
 
 
+class Conv3x3(nn.Conv2d):
+    """3×3 convolution with padding 1; Winograd (NNPACK) inside `vdm.nets.winograd.use_winograd()`."""
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__(in_ch, out_ch, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return conv3x3(x, self.weight, self.bias)
+
+
+class Dropout(nn.Dropout):
+    """Dropout whose CPU mask comes from 31-bit integers (two per 64-bit draw of the generator) instead of
+    `bernoulli_` on floats: the same distribution up to a rate rounded to 2⁻³¹, about twice as fast on CPU.
+    Elsewhere (CUDA) it is `F.dropout`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0 or x.device.type != "cpu":
+            return super().forward(x)
+        if self.p == 1.0:
+            return x * 0.0
+        n = x.numel()
+        bits = torch.empty((n + 1) // 2, dtype=torch.int64).random_().view(torch.int32)[:n]  # ~U{0..2⁶³−1}
+        keep = bits.bitwise_and(0x7FFFFFFF) >= round(self.p * 2**31)  # each 31-bit half is uniform
+        return x * keep.view(x.shape).to(x.dtype).mul_(1.0 / (1.0 - self.p))
+
+
 class GroupNorm(nn.GroupNorm):
     """GroupNorm with the official settings (32 groups, ε = 1e-6)."""
 
@@ -96,11 +124,11 @@ class ResnetBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, cond_dim: int, dropout: float):
         super().__init__()
         self.norm1 = GroupNorm(in_ch)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.conv1 = Conv3x3(in_ch, out_ch)
         self.cond_proj = nn.Linear(cond_dim, out_ch, bias=False)
         self.norm2 = GroupNorm(out_ch)
-        self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.dropout = Dropout(dropout)
+        self.conv2 = Conv3x3(out_ch, out_ch)
         self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x: Tensor, cond: Tensor) -> Tensor:
@@ -144,7 +172,7 @@ class ScoreUNet(nn.Module):
         self.dense0 = nn.Linear(n_embd + 1, cond_dim)
         self.dense1 = nn.Linear(cond_dim, cond_dim)
         in_ch = channels * (1 + 2 * len(self.fourier_exponents))
-        self.conv_in = nn.Conv2d(in_ch, n_embd, 3, padding=1)
+        self.conv_in = Conv3x3(in_ch, n_embd)
 
         def block(cin: int) -> ResnetBlock:
             return ResnetBlock(cin, n_embd, cond_dim, dropout)
@@ -160,7 +188,7 @@ class ScoreUNet(nn.Module):
         self.up = nn.ModuleList(block(2 * n_embd) for _ in range(n_layer + 1))
         self.up_attn = nn.ModuleList(attn() for _ in range(n_layer + 1))
         self.norm_out = GroupNorm(n_embd)
-        self.conv_out = nn.Conv2d(n_embd, channels, 3, padding=1)
+        self.conv_out = Conv3x3(n_embd, channels)
         official_init_(self)
 
     def forward(self, z: Tensor, t_c: Tensor, conditioning: Tensor | None = None) -> Tensor:

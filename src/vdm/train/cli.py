@@ -14,7 +14,7 @@ from vdm.config import ConfigError, build_config, load_json_config, apply_overri
 EPILOG = """\
 examples:
   vdm train --preset quick --out runs/quick --max-minutes 5
-  vdm train --preset compress --out runs/compress --set run.bf16=true --set optim.lr=5e-4
+  vdm train --preset compress --out runs/compress --set run.precision=fp32 --set optim.lr=5e-4
   vdm train --out runs/compress --resume                # continue with the run's own config.json
   torchrun --nproc_per_node=4 -m vdm train --preset cifar10 --set data.root=~/data/cifar10 --out runs/c10
 
@@ -23,7 +23,8 @@ overrides (--set SECTION.KEY=VALUE, repeatable) are type-checked against the con
   optim.*  (lr, beta1, beta2, eps, weight_decay, warmup_steps, grad_clip)
   data.*   (name, root, test_split, test_images)
   run.*    (seed, batch_size, max_steps, ema_decay, ema_warmup, log_every, eval_every, checkpoint_every,
-            keep_last, max_nonfinite, device, bf16, compile, progress, tensorboard)
+            keep_last, max_nonfinite, device, precision (auto, bf16, fp32), conv_algorithm (auto,
+            winograd, direct), compile, progress, tensorboard)
 Use --print-config to see every key with its resolved value.
 """
 

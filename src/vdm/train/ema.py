@@ -25,13 +25,21 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
+        """θ_ema ← θ_ema + (1 − d)·(θ − θ_ema) for the floating-point parameters, in one `torch._foreach_lerp_`
+        call per device and dtype; buffers (and non-float parameters) are copied."""
         d = self.decay_at(step)
+        ema, new, copies = [], [], []
         params = dict(model.named_parameters())
         for k, v in model.state_dict().items():
             if k in params and v.is_floating_point():
-                self.shadow[k].lerp_(v.detach(), 1.0 - d)
+                ema.append(self.shadow[k])
+                new.append(v.detach())
             else:
-                self.shadow[k].copy_(v)
+                copies.append((self.shadow[k], v))
+        if ema:
+            torch._foreach_lerp_(ema, new, 1.0 - d)
+        for dst, src in copies:
+            dst.copy_(src)
 
     def state_dict(self) -> dict[str, Tensor]:
         return self.shadow

@@ -8,7 +8,6 @@ and DistributedDataParallel averages the gradients; rank 0 alone writes checkpoi
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -18,9 +17,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from vdm.config import TrainConfig
+from vdm.config import TrainConfig, upgrade_legacy
 from vdm.losses import bits_per_dim
 from vdm.model import VDM
+from vdm.nets.winograd import use_winograd
+from vdm.precision import autocast, resolve_conv_algorithm, resolve_precision
 from vdm.train import distributed, state
 from vdm.train.augment import augment
 from vdm.train.batches import BatchOrder, augment_generator, dropout_seed, init_seed, step_noise
@@ -108,6 +109,11 @@ class _Trainer:
             raise TrainingError(f"run.batch_size={run.batch_size} must be divisible by the number of "
                                 f"processes ({d.world_size})")
         self.local_batch = run.batch_size // d.world_size
+        self.precision = resolve_precision(run.precision, d.device, warn=d.is_main)
+        self.conv_algorithm = resolve_conv_algorithm(run.conv_algorithm, d.device, self.precision.precision)
+        if d.is_main and run.progress:
+            print(f"precision: {self.precision.precision} ({self.precision.reason}); 3×3 convolutions: "
+                  f"{self.conv_algorithm}", flush=True)
         ckpt = self._checkpoint_to_resume(resume)
         self.train_x, test_x = _load_data(config, d.device)
         self.order = BatchOrder(len(self.train_x), run.batch_size, run.seed)
@@ -227,9 +233,7 @@ class _Trainer:
         run, d = self.config.run, self.d
         x, t, eps_0, eps, conditioning = self._batch()
         torch.manual_seed(dropout_seed(run.seed, d.rank, self.step))
-        autocast = (torch.autocast(d.device.type, dtype=torch.bfloat16) if run.bf16
-                    else contextlib.nullcontext())
-        with autocast:
+        with autocast(self.precision.precision, d.device), use_winograd(self.conv_algorithm == "winograd"):
             nats = self.forward(x, t, eps, eps_0, conditioning)  # (B, 3)
         terms = bits_per_dim(nats.float(), self.model.num_dims(x)).mean(0)  # (3,) bpd
         loss = terms.sum()
@@ -283,7 +287,7 @@ class _Trainer:
             raise NonFiniteLossError(
                 f"{c.nonfinite_consecutive} consecutive non-finite losses (limit run.max_nonfinite={limit}) "
                 f"at step {self.step}; stopped without saving; {where}. Try a lower optim.lr, "
-                "optim.grad_clip, or run.bf16=false, then resume.")
+                "optim.grad_clip, or run.precision=fp32, then resume.")
 
     # --- logging, evaluation, checkpoints -----------------------------------------------------------------------
     def _log_window(self, w: Window, bar) -> None:
@@ -332,6 +336,7 @@ class _Trainer:
 
 def _check_same_run(saved: dict, current: dict, ckpt: Path) -> None:
     """Refuse to resume with settings that change what a step computes (model, optimiser, data, seed, batch)."""
+    saved = upgrade_legacy(saved)  # checkpoints written before run.bf16 became run.precision
     diffs = []
     for section in ("model", "optim", "data", "run"):
         a, b = saved.get(section, {}), current.get(section, {})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 
 import numpy as np
 import torch
@@ -10,6 +9,7 @@ from torch import Tensor
 
 from vdm.losses import bits_per_dim
 from vdm.model import VDM
+from vdm.precision import autocast
 from vdm.train.batches import derive_seed, step_noise
 
 _TEST = 5  # stream tag of the test noise
@@ -32,15 +32,15 @@ class TestSubset:
         self.t, self.eps_0, self.eps = step_noise(derive_seed(seed, _TEST), 0, len(images), shape, antithetic)
 
     @torch.no_grad()
-    def evaluate(self, model: VDM, bf16: bool = False) -> dict[str, float]:
-        """Mean test loss in bits per dimension: {"test_bpd", "test_prior", "test_recon", "test_diff"}."""
+    def evaluate(self, model: VDM, precision: str = "fp32") -> dict[str, float]:
+        """Mean test loss in bits per dimension: {"test_bpd", "test_prior", "test_recon", "test_diff"};
+        `precision` "fp32" or "bf16" (autocast)."""
         was_training = model.training
         model.eval()
         dev = model.device
         sums = torch.zeros(3, dtype=torch.float64)
-        autocast = torch.autocast(dev.type, torch.bfloat16) if bf16 else contextlib.nullcontext()
         try:
-            with autocast:
+            with autocast(precision, dev):
                 for b in range(0, len(self.x), self.batch_size):
                     sl = slice(b, b + self.batch_size)
                     out = model.loss(self.x[sl].to(dev), t=self.t[sl].to(dev), eps=self.eps[sl].to(dev),
