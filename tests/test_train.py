@@ -261,8 +261,8 @@ def test_sigkill_then_resume_is_bitwise_identical(tiny, folder, tmp_path):
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
         [sys.executable, "-m", "vdm", "train", "--config", str(config_file), "--out", str(killed),
-         "--max-steps", str(steps), "--set", "run.throttle_s=0.3"],
-        env=sub_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+         "--max-steps", str(steps)],
+        env={**sub_env(), "VDM_TEST_THROTTLE_S": "0.3"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 120
         while not list((killed / "checkpoints").glob("step_*")):
@@ -289,9 +289,10 @@ def test_sigkill_then_resume_is_bitwise_identical(tiny, folder, tmp_path):
     assert steps_logged == sorted(steps_logged)  # records after the checkpoint were dropped, then rewritten
 
 
-def test_nonfinite_steps_are_skipped_and_counted(tiny, tmp_path):
-    skipped = train(apply_overrides(tiny, ["run.inject_nonfinite=[2]", "run.checkpoint_every=100"]),
-                    tmp_path / "skip", max_steps=3)
+def test_nonfinite_steps_are_skipped_and_counted(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("VDM_TEST_NONFINITE_STEPS", "2")
+    skipped = train(apply_overrides(tiny, ["run.checkpoint_every=100"]), tmp_path / "skip", max_steps=3)
+    monkeypatch.delenv("VDM_TEST_NONFINITE_STEPS")
     plain = train(apply_overrides(tiny, ["run.checkpoint_every=100"]), tmp_path / "plain", max_steps=2)
     assert skipped["nonfinite_total"] == 1
     # step 2 was skipped entirely: the weights after 3 steps are those after 2
@@ -302,9 +303,10 @@ def test_nonfinite_steps_are_skipped_and_counted(tiny, tmp_path):
     assert any(r.get("skipped") == 1 for r in recs)
 
 
-def test_too_many_nonfinite_losses_stop_the_run(tiny, tmp_path):
+def test_too_many_nonfinite_losses_stop_the_run(tiny, tmp_path, monkeypatch):
     run = tmp_path / "nan"
-    cfg = apply_overrides(tiny, ["run.inject_nonfinite=[5, 6, 7]", "run.max_nonfinite=3"])
+    monkeypatch.setenv("VDM_TEST_NONFINITE_STEPS", "5,6,7")
+    cfg = apply_overrides(tiny, ["run.max_nonfinite=3"])
     with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite"):
         train(cfg, run, max_steps=20)
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000004"]
@@ -344,3 +346,14 @@ def test_two_processes_match_one(tiny, folder, tmp_path):
     half = train(apply_overrides(cfg, ["run.batch_size=4"]), tmp_path / "half", max_steps=steps)
     with pytest.raises(AssertionError):
         assert_same(weights(ckpt_two), weights(Path(half["checkpoint"])), atol=1e-6)
+
+
+def test_bad_limits_are_refused(tiny, tmp_path):
+    from vdm.cli import main
+    assert main(["train", "--preset", "quick", "--out", str(tmp_path / "r"), "--max-steps", "-1"]) == 2
+    assert main(["train", "--preset", "quick", "--out", str(tmp_path / "r"), "--max-minutes", "-5"]) == 2
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(ConfigError, match="max_steps"):
+        apply_overrides(tiny, ["run.max_steps=-3"])
+    with pytest.raises(ConfigError, match="batch_size"):
+        apply_overrides(tiny, ["run.batch_size=0"])

@@ -78,8 +78,17 @@ class RunConfig:
     compile: bool = False  # torch.compile the score network
     progress: bool = True  # tqdm progress bar
     tensorboard: bool = True  # also write TensorBoard logs when torch.utils.tensorboard imports
-    inject_nonfinite: list[int] = field(default_factory=list)  # test hook: steps whose loss is replaced by NaN
-    throttle_s: float = 0.0  # test hook: sleep after each step (lets a test kill a run mid-way)
+
+    def __post_init__(self):
+        for name in ("batch_size", "log_every", "eval_batch_size", "checkpoint_every", "keep_last",
+                     "max_nonfinite"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_steps", "eval_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
 
 
 @dataclass
@@ -108,13 +117,19 @@ SECTIONS = {"model": VDMConfig, "optim": OptimConfig, "data": DataConfig, "run":
 
 
 
+LEGACY_TEST_HOOKS = ("inject_nonfinite", "throttle_s")  # were run.* fields; now environment variables (loop.py)
+
+
 def upgrade_legacy(d: dict) -> dict:
     """`d` with keys of older configs renamed: run.bf16 = true/false became run.precision = "bf16"/"fp32";
-    such runs used direct convolutions (run.conv_algorithm = "direct")."""
+    such runs used direct convolutions (run.conv_algorithm = "direct"). The test hooks that older configs
+    recorded (run.inject_nonfinite, run.throttle_s) are dropped."""
     run = d.get("run") if isinstance(d, dict) else None
-    if not isinstance(run, dict) or "bf16" not in run:
+    if not isinstance(run, dict) or not ({"bf16", *LEGACY_TEST_HOOKS} & set(run)):
         return d
-    run = dict(run)
+    run = {k: v for k, v in run.items() if k not in LEGACY_TEST_HOOKS}
+    if "bf16" not in run:
+        return {**d, "run": run}
     bf16 = run.pop("bf16")
     if "precision" not in run and isinstance(bf16, bool):
         run["precision"] = "bf16" if bf16 else "fp32"

@@ -75,6 +75,12 @@ def run_train(args) -> int:
     if args.print_config:
         print(config.to_json())
         return 0
+    if args.max_steps is not None and args.max_steps < 0:
+        print(f"vdm train: error: --max-steps must not be negative, got {args.max_steps}", file=sys.stderr)
+        return 2
+    if args.max_minutes is not None and not args.max_minutes > 0:
+        print(f"vdm train: error: --max-minutes must be positive, got {args.max_minutes}", file=sys.stderr)
+        return 2
     if not args.out:
         print("vdm train: error: --out RUN_DIR is required", file=sys.stderr)
         return 2

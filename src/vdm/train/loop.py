@@ -9,6 +9,7 @@ and DistributedDataParallel averages the gradients; rank 0 alone writes checkpoi
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +33,23 @@ from vdm.train.testset import TestSubset, fixed_subset
 
 # run.* fields that may differ when a run is resumed (they do not change what a step computes)
 RESUMABLE_RUN_FIELDS = {"max_steps", "log_every", "eval_every", "eval_batch_size", "checkpoint_every",
-                        "keep_last", "max_nonfinite", "device", "progress", "tensorboard", "throttle_s",
-                        "inject_nonfinite", "compile"}
+                        "keep_last", "max_nonfinite", "device", "progress", "tensorboard", "compile"}
+
+
+@dataclass(frozen=True)
+class TestHooks:
+    """Hooks for the test suite, read from the environment, never part of a run's config:
+    VDM_TEST_NONFINITE_STEPS="2,5" replaces the loss of those steps by NaN; VDM_TEST_THROTTLE_S=0.3 sleeps that
+    long after each step (so that a test can kill a run mid-way)."""
+
+    nonfinite_steps: frozenset[int] = frozenset()
+    throttle_s: float = 0.0
+
+    @classmethod
+    def from_env(cls) -> "TestHooks":
+        steps = os.environ.get("VDM_TEST_NONFINITE_STEPS", "")
+        return cls(frozenset(int(s) for s in steps.split(",") if s.strip()),
+                   float(os.environ.get("VDM_TEST_THROTTLE_S", "0") or 0))
 
 
 class TrainingError(RuntimeError):
@@ -93,6 +109,10 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, max_st
     ends the run after that much wall-clock time of this session, with a checkpoint. Returns a summary:
     {"step", "checkpoint", "test_bpd", "best_checkpoint", "nonfinite_total", "stopped"}.
     """
+    if max_steps is not None and max_steps < 0:
+        raise TrainingError(f"max_steps must not be negative, got {max_steps}")
+    if max_minutes is not None and not max_minutes > 0:
+        raise TrainingError(f"max_minutes must be positive, got {max_minutes}")
     d = distributed.setup(config.run.device)
     try:
         return _Trainer(config, Path(out_dir), d, resume).run(
@@ -104,6 +124,7 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, max_st
 class _Trainer:
     def __init__(self, config: TrainConfig, out_dir: Path, d: distributed.Dist, resume: bool):
         self.config, self.out_dir, self.d = config, out_dir, d
+        self.hooks = TestHooks.from_env()
         run = config.run
         if run.batch_size % d.world_size:
             raise TrainingError(f"run.batch_size={run.batch_size} must be divisible by the number of "
@@ -175,14 +196,15 @@ class _Trainer:
     def run(self, max_steps: int, max_minutes: float | None) -> dict:
         run, d = self.config.run, self.d
         session_start = time.perf_counter()
-        bar = self._progress_bar(max_steps)
+        # with a time limit the step limit is usually not what ends the run: no step total, no misleading ETA
+        bar = self._progress_bar(None if max_minutes is not None else max_steps)
         window, stopped, last_ckpt = Window(), "max_steps", None
         try:
             while self.step < max_steps:
                 self._one_step(window)
                 self.step += 1
-                if run.throttle_s:
-                    time.sleep(run.throttle_s)
+                if self.hooks.throttle_s:
+                    time.sleep(self.hooks.throttle_s)
                 if bar is not None:
                     bar.update(1)
                 if self.step % run.log_every == 0 or self.step == max_steps:
@@ -210,11 +232,11 @@ class _Trainer:
                 "test_bpd": self._last_test, "best_checkpoint": c.best_checkpoint,
                 "nonfinite_total": c.nonfinite_total, "stopped": stopped}
 
-    def _progress_bar(self, max_steps: int):
+    def _progress_bar(self, total: int | None):
         if not (self.d.is_main and self.config.run.progress):
             return None
         from tqdm.auto import tqdm
-        return tqdm(total=max_steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True)
+        return tqdm(total=total, initial=self.step, desc="training", unit="step", dynamic_ncols=True)
 
     def _batch(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """This process's slice of global batch `self.step`: (x, t, ε₀, ε, conditioning) on the device.
@@ -237,7 +259,7 @@ class _Trainer:
             nats = self.forward(x, t, eps, eps_0, conditioning)  # (B, 3)
         terms = bits_per_dim(nats.float(), self.model.num_dims(x)).mean(0)  # (3,) bpd
         loss = terms.sum()
-        if self.step in run.inject_nonfinite:
+        if self.step in self.hooks.nonfinite_steps:
             loss = loss * float("nan")
         mean_terms = distributed.all_mean(d, torch.cat([terms.detach(), loss.detach()[None]]))
         grad_norm = math.nan
