@@ -21,6 +21,7 @@ from importlib import resources
 from pathlib import Path
 
 from vdm.model import VDMConfig
+from vdm.presets import preset_names
 from vdm.precision import CONV_ALGORITHMS, PRECISIONS
 
 
@@ -219,12 +220,6 @@ def merge(config: TrainConfig, d: dict, source: str) -> TrainConfig:
 
 
 # --- sources ------------------------------------------------------------------------------------------------
-def preset_names() -> list[str]:
-    """Names of the presets shipped in `vdm/presets/*.toml`."""
-    folder = resources.files("vdm") / "presets"
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
-
-
 def read_toml(path: str | Path) -> dict:
     """A TOML file as a dict; unreadable or malformed files raise ConfigError naming the file."""
     try:

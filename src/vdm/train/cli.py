@@ -8,8 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from vdm.checkpoint import CheckpointError
-from vdm.config import ConfigError, build_config, load_json_config, apply_overrides, preset_names
+from vdm.presets import preset_names
 
 EPILOG = """\
 examples:
@@ -57,6 +56,7 @@ def register(subparsers) -> None:
 def resolve_config(args):
     """The TrainConfig meant by the arguments: a resumed run without --preset/--config starts from its own
     config.json; otherwise the preset (default 'quick') and files. Overrides come last."""
+    from vdm.config import apply_overrides, build_config, load_json_config
     saved = Path(args.out) / "config.json" if args.out else None
     if args.resume and args.preset is None and not args.config and saved is not None and saved.is_file():
         return apply_overrides(load_json_config(saved), args.overrides)
@@ -65,6 +65,8 @@ def resolve_config(args):
 
 
 def run_train(args) -> int:
+    from vdm.checkpoint import CheckpointError
+    from vdm.config import ConfigError
     from vdm.train import TrainingError, train
 
     try:
