@@ -242,21 +242,19 @@ STOCHASTIC = ("ancestral", "ddim")  # the samplers that draw noise at every step
 
 # --- log-likelihood through the probability flow ------------------------------------------------------------
 def divergence(fn: Callable[[Tensor], Tensor], z: Tensor, probes: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(fn(z), ∇·fn(z)) per row of z (B, ...): the exact trace of the Jacobian (one vector-Jacobian product
-    per dimension; for small images) when `probes` is None, else the Skilling–Hutchinson estimate
-    mean_k v_kᵀ(∂fn/∂z)v_k with `probes` (K, B, ...) of zero mean and unit covariance."""
+    """(fn(z), ∇·fn(z)) per row of z (B, ...).
+
+    `probes` None: the exact trace of the Jacobian from D vector-Jacobian products, batched (memory and time
+    grow with D: small images only). Else the Skilling–Hutchinson estimate mean_k v_kᵀ(∂fn/∂z)v_k with
+    `probes` (K, B, ...) of zero mean and unit covariance (unbiased)."""
     with torch.enable_grad():
         z = z.detach().requires_grad_(True)
         out = fn(z)
         B, D = z.shape[0], z[0].numel()
-        if probes is None:
-            div = torch.zeros(B, dtype=z.dtype, device=z.device)
-            basis = torch.zeros_like(out).view(B, D)
-            for j in range(D):
-                basis.zero_()
-                basis[:, j] = 1
-                (g,) = torch.autograd.grad(out, z, basis.view_as(out), retain_graph=True)
-                div = div + g.view(B, D)[:, j]
+        if probes is None:  # all D basis vectors at once, as a batch of vector-Jacobian products (vmap)
+            basis = torch.eye(D, dtype=z.dtype, device=z.device)[:, None, :].expand(D, B, D)
+            (g,) = torch.autograd.grad(out, z, basis.reshape(D, *out.shape), is_grads_batched=True)
+            div = g.reshape(D, B, D).diagonal(dim1=0, dim2=2).sum(-1)
         else:
             div = torch.zeros(B, dtype=z.dtype, device=z.device)
             for k, v in enumerate(probes):
