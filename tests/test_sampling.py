@@ -136,9 +136,9 @@ def model_file(tmp_path):
     return path
 
 
-def run_sample(model_file, out, seed, *extra):
-    args = ["sample", str(model_file), "-n", "5", "--steps", "4", "--seed", str(seed), "--out", str(out),
-            "--device", "cpu", *extra]
+def run_sample(model_file, out, seed, *extra, steps=4):
+    args = ["sample", str(model_file), "-n", "5", "--seed", str(seed), "--out", str(out), "--device", "cpu",
+            *(["--steps", str(steps)] if steps else []), *extra]
     assert main(args) == 0
     return load_npz(out.with_suffix(".npz"))
 
@@ -171,3 +171,67 @@ def test_cli_sample_errors(tmp_path, model_file, capsys):
     err = capsys.readouterr().err
     assert "none: no such file" in err and ".png" in err and "Traceback" not in err
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("sampler,extra", [("ddim", ["--eta", "0.5", "--grid", "t"]), ("dpmpp-2m", []),
+                                           ("dpmpp-3m", ["--grid", "lambda"]), ("ode", ["--rtol", "1e-3"])])
+def test_cli_samplers_batch_independent(tmp_path, model_file, sampler, extra):
+    steps = None if sampler == "ode" else 3
+    a = run_sample(model_file, tmp_path / "a.png", 3, "--sampler", sampler, *extra, "--batch", "2", steps=steps)
+    b = run_sample(model_file, tmp_path / "b.png", 3, "--sampler", sampler, *extra, "--batch", "5", steps=steps)
+    assert a.shape == (5, 3, 8, 8)
+    if sampler == "ode":  # one adaptive solve per batch: equal up to the tolerance, so nearly every pixel
+        assert np.mean(a == b) > 0.99
+    else:
+        np.testing.assert_array_equal(a, b)
+
+
+def test_cli_sample_resumes_and_refuses_other_arguments(tmp_path, model_file, monkeypatch, capsys):
+    import vdm.sampling as sampling
+
+    expected = run_sample(model_file, tmp_path / "ref.png", 4, "--batch", "2")
+    real, calls, stop_at = sampling.sample_images, [], [2]
+
+    def interrupted(*args, **kwargs):
+        calls.append(kwargs["start"])
+        if kwargs["start"] in stop_at:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "sample_images", interrupted)
+    out = tmp_path / "s.png"
+    base = ["sample", str(model_file), "-n", "5", "--steps", "4", "--out", str(out), "--device", "cpu",
+            "--batch", "2"]
+    assert main(base + ["--seed", "4"]) == 130  # stopped inside the second batch
+    assert sorted(p.name for p in (tmp_path / "s.partial").iterdir()) == ["batch_000000.npy", "settings.json"]
+    assert main(base + ["--seed", "5"]) == 2  # other arguments: refused, the partial folder kept
+    err = capsys.readouterr().err
+    assert "seed" in err and "s.partial" in err and "Traceback" not in err
+    calls.clear()
+    stop_at.clear()
+    assert main(base + ["--seed", "4"]) == 0
+    assert calls == [2, 4]  # only the batches that were missing
+    np.testing.assert_array_equal(load_npz(out.with_suffix(".npz")), expected)
+    assert not (tmp_path / "s.partial").exists()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--sampler", "ode", "--steps", "10"], "do not apply to --sampler ode"),
+    (["--sampler", "ode", "--rtol", "0"], "--rtol and --atol must be positive"),
+    (["--sampler", "ddim", "--eta", "1.5"], "--eta must lie in [0, 1]"),
+    (["--eta", "0.5"], "--eta applies to --sampler ddim only"),
+    (["-n", "0"], "must be positive"),
+    (["--batch", "0"], "must be positive"),
+])
+def test_cli_sample_bad_arguments(tmp_path, model_file, capsys, extra, message):
+    assert main(["sample", str(model_file), "--out", str(tmp_path / "x.png"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vdm: error:") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_cli_sample_unknown_sampler(tmp_path, model_file, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["sample", str(model_file), "--sampler", "euler"])
+    assert e.value.code == 2 and "invalid choice: 'euler'" in capsys.readouterr().err
