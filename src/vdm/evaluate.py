@@ -205,7 +205,7 @@ def ode_image_terms(model: VDM, data: np.ndarray | Tensor, *, rtol: float = 1e-5
     diffusion (Song et al. 2021, section 4.3; Kingma et al. 2021, appendix). log p_ODE uses `hutchinson` = K
     Rademacher probes per image (from the generator of (seed, i, 1)), or the exact trace when None.
     """
-    from vdm.sampling import _eval_mode, ode_log_likelihood, seeded_generator
+    from vdm.sampling import ode_log_likelihood, seeded_generator
 
     data = torch.as_tensor(np.asarray(data)) if not isinstance(data, Tensor) else data
     N, shape, D = data.shape[0], tuple(data.shape[1:]), data[0].numel()
@@ -224,8 +224,7 @@ def ode_image_terms(model: VDM, data: np.ndarray | Tensor, *, rtol: float = 1e-5
             probes = (2 * probes - 1).to(model.device, model.dtype)  # (K, B, C, H, W) of ±1
         z_0 = alpha_0 * model.encode(x) + sigma_0 * eps_0
         log_p, n = ode_log_likelihood(model, z_0, probes=probes, rtol=rtol, atol=atol, progress=progress)
-        with _eval_mode(model):
-            recon = losses.reconstruction_loss(x, g0, eps_0, model.config.vocab_size)
+        recon = losses.reconstruction_loss(x, g0, eps_0, model.config.vocab_size)
         log_q = -0.5 * eps_0.flatten(1).square().sum(1) - D * (torch.log(sigma_0) + 0.5 * math.log(2 * math.pi))
         terms = torch.stack([-log_p, recon, log_q], 1).double()
         out[start:start + len(idx)] = bits_per_dim(terms, D).cpu().numpy()

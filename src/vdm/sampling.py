@@ -381,8 +381,8 @@ def sample_images(model: VDM, n: int, *, sampler: str = "ancestral", steps: int 
     (n, C, H, W). `steps` and `grid` default to `DEFAULT_STEPS` / `DEFAULT_GRID` of the sampler."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
-    if n < 0 or batch < 1:
-        raise ValueError("n must be ≥ 0 and batch ≥ 1")
+    if n < 1 or batch < 1:
+        raise ValueError(f"n and batch must be at least 1, got {n} and {batch}")
     steps = steps if steps is not None else DEFAULT_STEPS[sampler]
     times = [1.0, 0.0] if sampler == "ode" else time_grid(model, steps, grid or DEFAULT_GRID[sampler])
     out = []
@@ -390,7 +390,7 @@ def sample_images(model: VDM, n: int, *, sampler: str = "ancestral", steps: int 
         gens = image_generators(seed, range(b, min(b + batch, start + n)), model.device)
         z_1 = prior_latent(model, len(gens), image_size=image_size, generator=gens)
         out.append(generate(model, z_1, sampler, times, generator=gens, progress=progress, **options).cpu())
-    return torch.cat(out) if out else torch.zeros((0,), dtype=torch.uint8)
+    return torch.cat(out)
 
 
 def sample_to_files(model: VDM, out_png: str | os.PathLike, n: int, *, batch: int = 64, settings: dict,
