@@ -210,7 +210,8 @@ def dpmpp_3m(model: VDM, z_1: Tensor, times: Sequence[float], *, generator: Gene
 def _gamma_ends(model: VDM, t_from: float, t_to: float, like: Tensor) -> Tensor:
     """[γ(t_from), γ(t_to)] as the integration interval of the probability flow in γ."""
     kw = dict(dtype=like.dtype, device=like.device)
-    return torch.stack([model.gamma(torch.tensor(t_from, **kw)), model.gamma(torch.tensor(t_to, **kw))])
+    ends = [model.gamma(torch.tensor(t, **kw)) for t in (t_from, t_to)]
+    return torch.stack(ends).detach()
 
 
 def ode(model: VDM, z_1: Tensor, times: Sequence[float] = (1.0, 0.0), *, generator: Generator = None,
@@ -237,7 +238,6 @@ def ode(model: VDM, z_1: Tensor, times: Sequence[float] = (1.0, 0.0), *, generat
 
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "ancestral": ancestral, "ddim": ddim, "dpmpp-2m": dpmpp_2m, "dpmpp-3m": dpmpp_3m, "ode": ode}
-STOCHASTIC = ("ancestral", "ddim")  # the samplers that draw noise at every step (ddim only with η > 0)
 
 
 # --- log-likelihood through the probability flow ------------------------------------------------------------
