@@ -9,5 +9,5 @@ pip install -q -c constraints.txt -e '.[test,bench,plot]'
 RUN=${RUN:-runs/quick}
 vdm train --preset quick --out "$RUN" --max-minutes "${MINUTES:-5}"
 vdm eval "$RUN"
-vdm sample "$RUN" -n 16 --steps 100 --seed 0 --out "$RUN/samples.png"
+vdm sample "$RUN" -n 16 --sampler dpmpp-2m --steps 20 --seed 0 --out "$RUN/samples.png"
 echo "model, metrics and samples are in $RUN/"

@@ -172,3 +172,31 @@ def test_cli_eval_bad_dataset(tmp_path, capsys):
     run = make_run(tmp_path)
     assert main(["eval", str(run), "--data", "folder", "--data-root", str(tmp_path / "nope")]) == 2
     assert "folder" in capsys.readouterr().err
+
+
+def test_cli_eval_limit_takes_the_first_images(tmp_path, capsys):
+    run = make_run(tmp_path, image_folder(tmp_path))
+    assert main(["eval", str(run), "--json", "--limit", "2", "--time-samples", "2", "--device", "cpu"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    from vdm.data import load_dataset
+    x = load_dataset("folder", "test", root=tmp_path / "imgs", channels=3, image_size=8)
+    expected = evaluate(vdm.checkpoint.load_model(run), x[:2], time_samples=2, progress=False)
+    assert r["count"] == 2 and r["bpd"] == pytest.approx(expected["bpd"], rel=1e-12)
+
+
+def test_cli_eval_ode_bound(tmp_path, capsys):
+    run = make_run(tmp_path, image_folder(tmp_path))
+    torch.manual_seed(0)  # a smaller network: the exact trace takes D = 192 vector-Jacobian products a call
+    save_model(vdm.VDM(n_embd=8, n_layer=0, image_size=8), run / "checkpoints" / "step_00000010" / "ema.safetensors")
+    args = ["eval", str(run), "--likelihood", "ode", "--limit", "2", "--rtol", "1e-2", "--atol", "1e-2",
+            "--device", "cpu"]
+    assert main(args + ["--json", "--hutchinson", "2"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["count"] == 2 and r["hutchinson"] == 2 and r["function_evals"] >= 6
+    assert r["ode_bpd"] == pytest.approx(r["ode_nll"] + r["ode_recon"] + r["ode_log_q"])
+    assert "bpd" in r  # the VLB of the same images beside it
+    assert main(args + ["--exact-trace", "--limit", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("ODE bound ") and "exact trace" in out and "\ntest bpd " in out
+    assert main(args + ["--hutchinson", "0"]) == 2
+    assert "--hutchinson" in capsys.readouterr().err

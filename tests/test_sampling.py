@@ -10,8 +10,8 @@ import vdm
 from vdm import process
 from vdm.checkpoint import save_model
 from vdm.cli import main
-from vdm.sampling import (ancestral_sample, ancestral_sample_times, load_npz, make_grid, prior_latent,
-                          sample_images, save_grid_png, save_npz, uniform_times)
+from vdm.sampling import (SAMPLERS, ancestral_sample, generate, image_generators, lambda_times, load_npz,
+                          make_grid, prior_latent, sample_images, save_grid_png, save_npz, uniform_times)
 
 
 def tiny_model(**kw) -> vdm.VDM:
@@ -19,16 +19,33 @@ def tiny_model(**kw) -> vdm.VDM:
     return vdm.VDM(n_embd=32, n_layer=1, image_size=8, **kw)
 
 
-def test_same_seed_same_images_as_model_sample():
+def test_model_sample_is_the_ancestral_sampler():
     model = tiny_model(dropout=0.3)
     model.train()
-    ours = sample_images(model, 3, 7, seed=11)
     theirs = model.sample(3, 7, torch.Generator().manual_seed(11))
+    g = torch.Generator().manual_seed(11)
+    z_1 = prior_latent(model, 3, generator=g)
+    ours = ancestral_sample(model, z_1, 7, generator=g)
     assert ours.dtype == torch.uint8 and ours.shape == (3, 3, 8, 8)
     assert torch.equal(ours, theirs)
-    assert torch.equal(ours, sample_images(model, 3, 7, seed=11))
-    assert not torch.equal(ours, sample_images(model, 3, 7, seed=12))
     assert model.training  # restored
+
+
+def test_image_i_depends_only_on_seed_and_i():
+    """z_1 and the step noise of image i come from the generator of (seed, i): the same images whatever the
+    batch size or the offset, and the same z_1 for every sampler."""
+    model = tiny_model()
+    a = sample_images(model, 5, steps=3, seed=7, batch=2)
+    assert a.dtype == torch.uint8 and a.shape == (5, 3, 8, 8)
+    assert torch.equal(a, sample_images(model, 5, steps=3, seed=7, batch=5))
+    assert torch.equal(a[3:], sample_images(model, 2, steps=3, seed=7, start=3, batch=1))
+    assert not torch.equal(a, sample_images(model, 5, steps=3, seed=8))
+    gens = image_generators(7, range(5))
+    z_1 = prior_latent(model, 5, generator=gens)
+    assert torch.equal(a, generate(model, z_1, "ancestral", uniform_times(3), generator=gens))
+    d = sample_images(model, 2, sampler="dpmpp-2m", steps=4, grid="lambda", seed=7)
+    z_1 = prior_latent(model, 2, generator=image_generators(7, range(2)))
+    assert torch.equal(d, generate(model, z_1, "dpmpp-2m", lambda_times(model, 4)))
 
 
 def test_ancestral_sample_is_the_model_step_loop():
@@ -55,24 +72,29 @@ class PointMass(vdm.VDM):
         return (z_t - alpha * self.f_star) / sigma
 
 
-def test_exact_denoiser_samples_the_data_point():
-    """With the ideal ε̂ for a point mass, p(z_s|z_t) = q(z_s|z_t, x*): z_0 ~ q(z_0|x*), which at γ(0) = −16
-    (σ_0/α_0 = e⁻⁸, 1/23 of half a pixel step) decodes to x* exactly, for any time grid."""
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_exact_denoiser_samples_the_data_point(sampler):
+    """With the ideal ε̂ for a point mass, x̂ = x* at every step, so every sampler ends at z_0 = α_0 f* + σ_0·e
+    with |e| of order 1 (for the ancestral sampler p(z_s|z_t) = q(z_s|z_t, x*), z_0 ~ q(z_0|x*)), which at
+    γ(0) = −16 (σ_0/α_0 = e⁻⁸, 1/23 of half a pixel step) decodes to x* exactly, for any time grid."""
     model = PointMass(n_embd=32, n_layer=1, image_size=8, gamma_type="fixed_linear", gamma_min=-16.0)
     x_star = torch.randint(0, 256, (1, 3, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     model.set_target(x_star)
     z_1 = prior_latent(model, 4, generator=torch.Generator().manual_seed(1))
     for times in (uniform_times(10), [1.0, 0.9, 0.5, 0.2, 0.01, 0.0]):
-        x = ancestral_sample_times(model, z_1, times, generator=torch.Generator().manual_seed(2))
+        x = generate(model, z_1, sampler, times, generator=torch.Generator().manual_seed(2),
+                     **({"eta": 0.5} if sampler == "ddim" else {}))
         assert torch.equal(x, x_star.expand(4, -1, -1, -1))
 
 
 def test_time_grid_checked():
     model = tiny_model()
     z = prior_latent(model, 1)
-    for bad in ([1.0], [0.0, 1.0], [1.0, 0.5, 0.5, 0.0]):
+    for bad in ([1.0], [0.0, 1.0], [1.0, 0.5, 0.5, 0.0], [1.0, 0.5]):
         with pytest.raises(ValueError):
-            ancestral_sample_times(model, z, bad)
+            generate(model, z, "ancestral", bad)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        generate(model, z, "euler", [1.0, 0.0])
     with pytest.raises(ValueError):
         uniform_times(0)
     assert uniform_times(4) == [1.0, 0.75, 0.5, 0.25, 0.0]
@@ -96,6 +118,9 @@ def test_png_and_npz_round_trip(tmp_path):
         np.testing.assert_array_equal(np.asarray(im)[:, 6:12], grey[1, 0])
     save_npz(grey, tmp_path / "g.npz")
     np.testing.assert_array_equal(load_npz(tmp_path / "g.npz"), grey)
+    with np.load(tmp_path / "g.npz") as d:  # what FID tools read: arr_0, N×H×W×C uint8
+        assert d.files == ["arr_0"] and d["arr_0"].dtype == np.uint8
+        np.testing.assert_array_equal(d["arr_0"], grey.transpose(0, 2, 3, 1))
     (tmp_path / "bad.npz").write_bytes(b"junk")
     with pytest.raises(ValueError, match="bad.npz"):
         load_npz(tmp_path / "bad.npz")
@@ -111,9 +136,9 @@ def model_file(tmp_path):
     return path
 
 
-def run_sample(model_file, out, seed, *extra):
-    args = ["sample", str(model_file), "-n", "5", "--steps", "4", "--seed", str(seed), "--out", str(out),
-            "--device", "cpu", *extra]
+def run_sample(model_file, out, seed, *extra, steps=4):
+    args = ["sample", str(model_file), "-n", "5", "--seed", str(seed), "--out", str(out), "--device", "cpu",
+            *(["--steps", str(steps)] if steps else []), *extra]
     assert main(args) == 0
     return load_npz(out.with_suffix(".npz"))
 
@@ -127,7 +152,10 @@ def test_cli_sample_writes_grid_and_npz(tmp_path, model_file):
     np.testing.assert_array_equal(a, run_sample(model_file, tmp_path / "b.png", 1))
     assert not np.array_equal(a, run_sample(model_file, tmp_path / "c.png", 2))
     model = vdm.checkpoint.load_model(model_file)
-    np.testing.assert_array_equal(a, model.sample(5, 4, torch.Generator().manual_seed(1)).numpy())
+    gens = image_generators(1, range(5))
+    z_1 = prior_latent(model, 5, generator=gens)
+    np.testing.assert_array_equal(a, ancestral_sample(model, z_1, 4, generator=gens).numpy())
+    assert not (tmp_path / "a.partial").exists()
 
 
 def test_cli_sample_image_size_and_nrow(tmp_path, model_file):
@@ -143,3 +171,67 @@ def test_cli_sample_errors(tmp_path, model_file, capsys):
     err = capsys.readouterr().err
     assert "none: no such file" in err and ".png" in err and "Traceback" not in err
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("sampler,extra", [("ddim", ["--eta", "0.5", "--grid", "t"]), ("dpmpp-2m", []),
+                                           ("dpmpp-3m", ["--grid", "lambda"]), ("ode", ["--rtol", "1e-3"])])
+def test_cli_samplers_batch_independent(tmp_path, model_file, sampler, extra):
+    steps = None if sampler == "ode" else 3
+    a = run_sample(model_file, tmp_path / "a.png", 3, "--sampler", sampler, *extra, "--batch", "2", steps=steps)
+    b = run_sample(model_file, tmp_path / "b.png", 3, "--sampler", sampler, *extra, "--batch", "5", steps=steps)
+    assert a.shape == (5, 3, 8, 8)
+    if sampler == "ode":  # one adaptive solve per batch: equal up to the tolerance, so nearly every pixel
+        assert np.mean(a == b) > 0.99
+    else:
+        np.testing.assert_array_equal(a, b)
+
+
+def test_cli_sample_resumes_and_refuses_other_arguments(tmp_path, model_file, monkeypatch, capsys):
+    import vdm.sampling as sampling
+
+    expected = run_sample(model_file, tmp_path / "ref.png", 4, "--batch", "2")
+    real, calls, stop_at = sampling.sample_images, [], [2]
+
+    def interrupted(*args, **kwargs):
+        calls.append(kwargs["start"])
+        if kwargs["start"] in stop_at:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "sample_images", interrupted)
+    out = tmp_path / "s.png"
+    base = ["sample", str(model_file), "-n", "5", "--steps", "4", "--out", str(out), "--device", "cpu",
+            "--batch", "2"]
+    assert main(base + ["--seed", "4"]) == 130  # stopped inside the second batch
+    assert sorted(p.name for p in (tmp_path / "s.partial").iterdir()) == ["batch_000000.npy", "settings.json"]
+    assert main(base + ["--seed", "5"]) == 2  # other arguments: refused, the partial folder kept
+    err = capsys.readouterr().err
+    assert "seed" in err and "s.partial" in err and "Traceback" not in err
+    calls.clear()
+    stop_at.clear()
+    assert main(base + ["--seed", "4"]) == 0
+    assert calls == [2, 4]  # only the batches that were missing
+    np.testing.assert_array_equal(load_npz(out.with_suffix(".npz")), expected)
+    assert not (tmp_path / "s.partial").exists()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--sampler", "ode", "--steps", "10"], "do not apply to --sampler ode"),
+    (["--sampler", "ode", "--rtol", "0"], "--rtol and --atol must be positive"),
+    (["--sampler", "ddim", "--eta", "1.5"], "--eta must lie in [0, 1]"),
+    (["--eta", "0.5"], "--eta applies to --sampler ddim only"),
+    (["-n", "0"], "must be positive"),
+    (["--batch", "0"], "must be positive"),
+])
+def test_cli_sample_bad_arguments(tmp_path, model_file, capsys, extra, message):
+    assert main(["sample", str(model_file), "--out", str(tmp_path / "x.png"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vdm: error:") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_cli_sample_unknown_sampler(tmp_path, model_file, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["sample", str(model_file), "--sampler", "euler"])
+    assert e.value.code == 2 and "invalid choice: 'euler'" in capsys.readouterr().err
