@@ -8,11 +8,7 @@ import math
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from vdm.checkpoint import CheckpointError, load_model, resolve_model_path
-from vdm.precision import PRECISIONS, resolve_precision
+from vdm.choices import DEFAULT_GRID, DEFAULT_STEPS, GRIDS, PRECISIONS, SAMPLER_NAMES
 
 NATIVE_SIZE_DATASETS = ("fashion_mnist", "mnist", "cifar10", "imagenet32", "imagenet64")
 TARGET_HELP = "a model file (.safetensors), a checkpoint directory or a run directory (uses checkpoints/best)"
@@ -34,13 +30,10 @@ def _fail(msg: str) -> int:
     return 2
 
 
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("target", metavar="RUN_OR_CHECKPOINT", help=TARGET_HELP)
-    p.add_argument("--device", default=_default_device(), help="torch device (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="torch device: cpu, cuda, cuda:1, … (default: auto, CUDA when "
+                   "available)")
 
 
 def _add_precision(p: argparse.ArgumentParser) -> None:
@@ -51,7 +44,15 @@ def _add_precision(p: argparse.ArgumentParser) -> None:
 
 
 def _precision(args) -> str:
-    return resolve_precision(args.precision, args.device).precision
+    from vdm.precision import resolve_precision
+    return resolve_precision(args.precision, _device(args.device)).precision
+
+
+def _device(name: str) -> str:
+    if name != "auto":
+        return name
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _add_data(p: argparse.ArgumentParser) -> None:
@@ -68,8 +69,9 @@ def _add_conditioning(p: argparse.ArgumentParser) -> None:
 
 
 def _load(target: str, device: str):
+    from vdm.checkpoint import CheckpointError, load_model
     try:
-        return load_model(target, map_location=device)
+        return load_model(target, map_location=_device(device))
     except CheckpointError as e:
         raise CommandError(str(e)) from None
 
@@ -127,10 +129,16 @@ def load_images(args, model, *, limit: int | None = None, spread: bool = False):
     if x.shape[1] != model.config.channels:
         raise CommandError(f"dataset {name!r} has {x.shape[1]} channels, the model {model.config.channels}")
     if limit is not None and limit < len(x):
+        import numpy as np
         x = x[np.linspace(0, len(x) - 1, limit).round().astype(np.int64)] if spread else x[:limit]
     if len(x) == 0:
         raise CommandError(f"dataset {name!r} ({args.split}) holds no images")
     return x, name
+
+
+def _resolve(target: str) -> Path:
+    from vdm.checkpoint import resolve_model_path
+    return resolve_model_path(target)
 
 
 def _guarded(fn):
@@ -197,7 +205,7 @@ def cmd_eval(args) -> int:
     if args.json:
         out = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
         out.update(data=name, split=args.split, seed=args.seed,
-                   checkpoint=str(resolve_model_path(args.target)))
+                   checkpoint=str(_resolve(args.target)))
         print(json.dumps(out))
     else:
         if args.likelihood == "ode":
@@ -226,7 +234,6 @@ def _format_ode(r: dict) -> str:
 
 # --- vdm sample -------------------------------------------------------------------------------------------
 def _register_sample(sub) -> None:
-    from vdm.sampling import DEFAULT_GRID, DEFAULT_STEPS, GRIDS, SAMPLERS
 
     p = sub.add_parser(
         "sample", help="draw images: ancestral, DDIM, DPM-Solver++(2M/3M) or the probability-flow ODE",
@@ -239,7 +246,7 @@ def _register_sample(sub) -> None:
                     "multistep, 10–20 network calls), ode (adaptive dopri5 on the probability-flow ODE, "
                     "--rtol/--atol). Each of the K step samplers makes exactly K network calls per image.")
     _add_common(p)
-    p.add_argument("--sampler", choices=tuple(SAMPLERS), default="ancestral",
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, default="ancestral",
                    help="sampling method (default: %(default)s)")
     p.add_argument("--steps", type=int, default=None, metavar="K",
                    help="steps = network calls (default: " + ", ".join(
@@ -263,8 +270,6 @@ def _register_sample(sub) -> None:
 
 def sample_settings(args) -> dict:
     """The keyword arguments of `vdm.sampling.sample_images` for the command's options, checked."""
-    from vdm.sampling import DEFAULT_GRID, DEFAULT_STEPS
-
     if args.num < 1 or args.batch < 1 or (args.image_size is not None and args.image_size < 1):
         raise CommandError("-n, --batch and --image-size must be positive")
     settings = dict(sampler=args.sampler, seed=args.seed, image_size=args.image_size,

@@ -34,8 +34,7 @@ def image_noise(seed: int, index: int, shape: tuple[int, ...], time_samples: int
     """
     state = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, dtype=np.uint32)
     g = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-    u = torch.rand((), generator=g)
-    t = torch.remainder(u + torch.arange(time_samples) / time_samples, 1.0)
+    t = losses.antithetic_times(time_samples, generator=g)
     eps_0 = torch.randn((time_samples, *shape), generator=g)
     eps = torch.randn((time_samples, *shape), generator=g)
     return t, eps, eps_0
@@ -62,7 +61,10 @@ def image_losses(model: VDM, data: np.ndarray | Tensor, *, steps: int = 0, time_
 
     Columns are prior, reconstruction and diffusion (`COMPONENTS`); their row sum is the image's negative VLB
     in bits per dimension. `steps` = 0 uses the continuous-time diffusion loss, `steps` = T > 0 the T-step
-    discrete-time loss. `data` holds integer images (N, C, H, W). `batch_size` counts network evaluations
+    discrete-time loss; with `time_samples` = `steps` = T the stratified times fall once in each step of the
+    grid, so every one of the T KL terms is evaluated: the T-step negative ELBO that bits-back coding achieves.
+    The noise of image i depends only on (seed, i), so repeated calls see the same draws (the test bpd of
+    training uses that). `data` holds integer images (N, C, H, W). `batch_size` counts network evaluations
     (image × draw) per forward pass. `precision` "fp32" or "bf16" (autocast; see `vdm.precision`).
     `conditioning` is the network's conditioning input (0: un-augmented images of an augmentation-conditioned
     model, and every other model).

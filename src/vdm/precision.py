@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-PRECISIONS = ("auto", "bf16", "fp32")
+from vdm.choices import PRECISIONS
+
 # CPU feature flags (Linux /proc/cpuinfo names) that make bf16 matrix arithmetic native
 NATIVE_BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})  # x86 AVX-512 BF16, x86 AMX, Arm BF16
 MIN_CUDA_CAPABILITY = (8, 0)

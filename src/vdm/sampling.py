@@ -34,10 +34,10 @@ from torch import Tensor
 from vdm import process
 from vdm.files import atomic_write
 from vdm.model import VDM
+from vdm.choices import DEFAULT_GRID, DEFAULT_STEPS, GRIDS, SAMPLER_NAMES
 from vdm.precision import autocast
 
 Generator = torch.Generator | Sequence[torch.Generator] | None
-GRIDS = ("t", "lambda")
 
 
 # --- randomness -------------------------------------------------------------------------------------------
@@ -239,6 +239,7 @@ def ode(model: VDM, z_1: Tensor, times: Sequence[float] = (1.0, 0.0), *, generat
 
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "ancestral": ancestral, "ddim": ddim, "dpmpp-2m": dpmpp_2m, "dpmpp-3m": dpmpp_3m, "ode": ode}
+assert tuple(SAMPLERS) == SAMPLER_NAMES
 
 
 # --- log-likelihood through the probability flow ------------------------------------------------------------
@@ -369,8 +370,6 @@ def _call_bar(enabled: bool, desc: str):
 
 
 # --- many images, in batches, resumable -----------------------------------------------------------------------
-DEFAULT_STEPS = {"ancestral": 1000, "ddim": 20, "dpmpp-2m": 20, "dpmpp-3m": 20, "ode": None}
-DEFAULT_GRID = {"ancestral": "t", "ddim": "lambda", "dpmpp-2m": "lambda", "dpmpp-3m": "lambda", "ode": "t"}
 
 
 def sample_images(model: VDM, n: int, *, sampler: str = "ancestral", steps: int | None = None, seed: int = 0,

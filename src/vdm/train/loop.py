@@ -107,7 +107,9 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, max_st
     `resume` continues from the newest checkpoint in `out_dir` (a fresh start when there is none);
     `max_steps` (total optimiser steps, counting from 0) overrides `config.run.max_steps`; `max_minutes`
     ends the run after that much wall-clock time of this session, with a checkpoint. Returns a summary:
-    {"step", "checkpoint", "test_bpd", "best_checkpoint", "nonfinite_total", "stopped"}.
+    {"step", "checkpoint", "test_bpd" (EMA weights on the fixed subset of `test_images` images of
+    data.test_split; `vdm eval` on the whole split gives the same estimator's value there), "test_images",
+    "best_checkpoint", "nonfinite_total", "stopped"}.
     """
     if max_steps is not None and max_steps < 0:
         raise TrainingError(f"max_steps must not be negative, got {max_steps}")
@@ -149,7 +151,7 @@ class _Trainer:
         self.forward = self._wrap(LossModule(self.model))
         self.test = None
         if d.is_main and len(test_x):
-            self.test = TestSubset(test_x, run.seed, config.model.antithetic, run.eval_batch_size)
+            self.test = TestSubset(test_x, run.seed, run.eval_batch_size)
             self.eval_model = VDM(config.model).to(d.device)
         self.log = None
         if d.is_main:
@@ -229,7 +231,8 @@ class _Trainer:
             self.log.close()
         c = self.counters
         return {"step": self.step, "checkpoint": str(last_ckpt) if last_ckpt else None,
-                "test_bpd": self._last_test, "best_checkpoint": c.best_checkpoint,
+                "test_bpd": self._last_test, "test_images": len(self.test.x) if self.test else 0,
+                "best_checkpoint": c.best_checkpoint,
                 "nonfinite_total": c.nonfinite_total, "stopped": stopped}
 
     def _progress_bar(self, total: int | None):

@@ -1,16 +1,14 @@
-"""The periodic test bits per dimension: a fixed subset of the test split with fixed noise, EMA weights."""
+"""The periodic test bits per dimension of a run: a fixed subset of the test split, EMA weights, and the same
+estimator as `vdm eval` (`vdm.evaluate.image_losses`, one draw per image with the noise of (seed, image))."""
 
 from __future__ import annotations
 
-
 import numpy as np
-import torch
 from torch import Tensor
 
-from vdm.losses import bits_per_dim
+from vdm.evaluate import image_losses
 from vdm.model import VDM
-from vdm.precision import autocast
-from vdm.train.batches import derive_seed, step_noise
+from vdm.train.batches import derive_seed
 
 _TEST = 5  # stream tag of the test noise
 
@@ -23,31 +21,18 @@ def fixed_subset(n_total: int, n: int) -> np.ndarray:
 
 
 class TestSubset:
-    """Images and their (t, ε₀, ε) fixed once, so successive evaluations differ only by the weights."""
+    """Images whose draws are fixed once (by the seed), so successive evaluations differ only by the weights."""
 
-    def __init__(self, images: Tensor, seed: int, antithetic: bool, batch_size: int):
+    def __init__(self, images: Tensor, seed: int, batch_size: int):
         self.x = images
         self.batch_size = batch_size
-        shape = tuple(images.shape[1:])
-        self.t, self.eps_0, self.eps = step_noise(derive_seed(seed, _TEST), 0, len(images), shape, antithetic)
+        self.seed = derive_seed(seed, _TEST)
 
-    @torch.no_grad()
     def evaluate(self, model: VDM, precision: str = "fp32") -> dict[str, float]:
-        """Mean test loss in bits per dimension: {"test_bpd", "test_prior", "test_recon", "test_diff"};
-        `precision` "fp32" or "bf16" (autocast)."""
-        was_training = model.training
-        model.eval()
-        dev = model.device
-        sums = torch.zeros(3, dtype=torch.float64)
-        try:
-            with autocast(precision, dev):
-                for b in range(0, len(self.x), self.batch_size):
-                    sl = slice(b, b + self.batch_size)
-                    out = model.loss(self.x[sl].to(dev), t=self.t[sl].to(dev), eps=self.eps[sl].to(dev),
-                                     eps_0=self.eps_0[sl].to(dev))
-                    terms = torch.stack([out["prior"], out["recon"], out["diff"]]).float()
-                    sums += bits_per_dim(terms, model.num_dims(self.x)).sum(1).double().cpu()
-        finally:
-            model.train(was_training)
-        prior, recon, diff = (sums / len(self.x)).tolist()
-        return {"test_bpd": prior + recon + diff, "test_prior": prior, "test_recon": recon, "test_diff": diff}
+        """Mean test loss in bits per dimension over the subset, in the model's own time discretisation:
+        {"test_bpd", "test_prior", "test_recon", "test_diff", "test_images"}; `precision` "fp32" or "bf16"."""
+        terms = image_losses(model, self.x, steps=model.config.timesteps, time_samples=1,
+                             batch_size=self.batch_size, seed=self.seed, progress=False, precision=precision)
+        prior, recon, diff = terms.mean(0).tolist()
+        return {"test_bpd": prior + recon + diff, "test_prior": prior, "test_recon": recon, "test_diff": diff,
+                "test_images": len(self.x)}
