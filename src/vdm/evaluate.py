@@ -21,6 +21,7 @@ from vdm import losses, process
 from vdm.losses import bits_per_dim
 from vdm.model import VDM
 from vdm.precision import autocast
+from vdm.sampling import ode_log_likelihood, seeded_generator
 
 COMPONENTS = ("prior", "recon", "diff")
 
@@ -32,8 +33,7 @@ def image_noise(seed: int, index: int, shape: tuple[int, ...], time_samples: int
     A generator seeded from (seed, index) gives u ~ U(0, 1), then ε₀ and ε; the K times are stratified,
     t_k = (u + k/K) mod 1 (each one uniform on [0, 1), together covering [0, 1) evenly).
     """
-    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, dtype=np.uint32)
-    g = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    g = seeded_generator(seed, index)
     t = losses.antithetic_times(time_samples, generator=g)
     eps_0 = torch.randn((time_samples, *shape), generator=g)
     eps = torch.randn((time_samples, *shape), generator=g)
@@ -213,8 +213,6 @@ def ode_image_terms(model: VDM, data: np.ndarray | Tensor, *, rtol: float = 1e-5
     diffusion (Song et al. 2021, section 4.3; Kingma et al. 2021, appendix). log p_ODE uses `hutchinson` = K
     Rademacher probes per image (from the generator of (seed, i, 1)), or the exact trace when None.
     """
-    from vdm.sampling import ode_log_likelihood, seeded_generator
-
     data = torch.as_tensor(np.asarray(data)) if not isinstance(data, Tensor) else data
     N, shape, D = data.shape[0], tuple(data.shape[1:]), data[0].numel()
     out, calls = np.zeros((N, len(ODE_COMPONENTS)), dtype=np.float64), []
