@@ -23,19 +23,10 @@ from pathlib import Path
 import msgpack
 import numpy as np
 
+from vdm.flax_checkpoint import nest, pack_array
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_STATS = ROOT / "tests" / "fixtures" / "official_vdm" / "init_stats.json"
-
-
-def nest(flat: dict[str, np.ndarray]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        *parents, leaf = path.removeprefix("params/").split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
 
 
 def write_checkpoint(path: Path, shapes: dict[str, list[int]], seed: int = 0) -> int:
@@ -44,13 +35,8 @@ def write_checkpoint(path: Path, shapes: dict[str, list[int]], seed: int = 0) ->
     def tree():
         return nest({k: rng.standard_normal(s, dtype=np.float32) * 0.02 for k, s in shapes.items()})
 
-    def default(obj):
-        if isinstance(obj, np.ndarray):
-            return msgpack.ExtType(1, msgpack.packb([list(obj.shape), obj.dtype.name, obj.tobytes()]))
-        raise TypeError(type(obj))
-
     with open(path, "wb") as fh:  # one tree at a time, as a map of four entries
-        packer = msgpack.Packer(default=default, use_bin_type=True)
+        packer = msgpack.Packer(default=pack_array, use_bin_type=True)
         fh.write(packer.pack_map_header(4))
         fh.write(packer.pack("step") + packer.pack(10_000_000))
         for key in ("params", "ema_params"):

@@ -44,7 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from vdm import VDM
 from vdm.config import OptimConfig
 from vdm.nets.winograd import use_winograd
-from vdm.precision import cpu_summary, resolve_conv_algorithm, resolve_precision
+from vdm.precision import CONV_ALGORITHMS, PRECISIONS, cpu_summary, resolve_conv_algorithm, resolve_precision
 from vdm.train.ema import EMA
 from vdm.train.optim import make_optimizer
 
@@ -53,8 +53,6 @@ PRESETS = {
     "small": dict(n_embd=64, n_layer=4, image_size=32, dropout=0.1, gamma_type="learned_linear"),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-PRECISIONS = ("auto", "bf16", "fp32")
-CONVS = ("auto", "direct", "winograd")
 
 
 # --- timing -------------------------------------------------------------------------------------------------
@@ -274,7 +272,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--passes", nargs="+", choices=["train", "eval"], default=["train", "eval"])
     p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=["auto"],
                    help="auto (default: bf16 where native, else fp32), bf16, fp32")
-    p.add_argument("--convs", nargs="+", choices=CONVS, default=["auto"],
+    p.add_argument("--convs", nargs="+", choices=CONV_ALGORITHMS, default=["auto"],
                    help="3×3 convolutions: auto (default: what vdm train picks here), direct, winograd")
     p.add_argument("--allow-emulated", action="store_true", help="also run bf16 rows where bf16 is emulated")
     p.add_argument("--modes", nargs="+", choices=["eager", "compile"], default=["eager", "compile"])

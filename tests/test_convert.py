@@ -2,7 +2,7 @@
 
 The official-format checkpoint `tests/fixtures/official_checkpoint/D/checkpoints-0.flax` and the official model's
 outputs for its EMA parameters (`D.npz`, float64) come from the official code; other checkpoints here are written in the same
-format by `pack_flax` below (flax's `to_bytes` layout) from random official parameter trees.
+format (flax's `to_bytes` layout, `vdm.flax_checkpoint.pack_array`) from random official parameter trees.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import official_reference as ref
 from conftest import CHECKPOINT_FIXTURES as CKPT, FIXTURES
 from vdm.checkpoint import load_model, read_source
 from vdm.convert import convert_checkpoint, parameter_map
-from vdm.flax_checkpoint import FlaxCheckpointError, read_parameters
+from vdm.flax_checkpoint import FlaxCheckpointError, nest, pack_array, read_parameters
 from vdm.official_configs import OFFICIAL_CONFIGS, official_config
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -50,30 +50,15 @@ def rel_err(ours, theirs) -> float:
 
 
 # --- writing official-format files (flax.serialization.to_bytes layout) -------------------------------------
-def _nest(flat: dict[str, np.ndarray]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        *parents, leaf = path.removeprefix("params/").split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
-
-
 def pack_flax(state: dict) -> bytes:
-    def default(obj):
-        if isinstance(obj, np.ndarray):
-            return msgpack.ExtType(1, msgpack.packb([list(obj.shape), obj.dtype.name, obj.tobytes()]))
-        raise TypeError(type(obj))
-    return msgpack.packb(state, default=default, use_bin_type=True)
+    return msgpack.packb(state, default=pack_array, use_bin_type=True)
 
 
 def official_state(ema: dict[str, np.ndarray], step: int = 7) -> dict:
     raw = {k: (v + 0.01).astype(v.dtype) for k, v in ema.items()}
     zeros = {k: np.zeros_like(v) for k, v in ema.items()}
-    return {"step": step, "params": _nest(raw), "ema_params": _nest(ema),
-            "opt_state": {"0": {"count": np.array(step, np.int32), "mu": _nest(zeros), "nu": _nest(zeros)},
+    return {"step": step, "params": nest(raw), "ema_params": nest(ema),
+            "opt_state": {"0": {"count": np.array(step, np.int32), "mu": nest(zeros), "nu": nest(zeros)},
                           "1": {}, "2": {}}}
 
 

@@ -100,9 +100,9 @@ def write_images(images: Sequence[tuple[str, np.ndarray]], outdir: str | os.Path
     Every path is worked out first: if any exists and `force` is false, `FileExistsError` names them and nothing
     is written. Each file is written atomically (a partial file never appears under its name)."""
     outdir = Path(outdir)
-    plan = _plan(images)
     if not force:
-        refuse_existing(plan, outdir)
+        refuse_existing(images, outdir)
+    plan = _plan(images)
     outdir.mkdir(parents=True, exist_ok=True)
     written = []
     for fname, content in plan.items():
@@ -127,11 +127,10 @@ def _plan(images: Sequence[tuple[str, np.ndarray]]) -> dict[str, object]:
     return plan
 
 
-def refuse_existing(images, outdir: str | os.PathLike) -> None:
-    """`FileExistsError` naming the files that writing `images` ((name, array) pairs, arrays only for their
-    shapes, or a plan) into `outdir` would overwrite."""
-    plan = images if isinstance(images, dict) else _plan(images)
-    existing = [Path(outdir) / f for f in plan if (Path(outdir) / f).exists()]
+def refuse_existing(images: Sequence[tuple[str, np.ndarray]], outdir: str | os.PathLike) -> None:
+    """`FileExistsError` naming the files that writing `images` ((name, array) pairs; the arrays are read only
+    for their shapes) into `outdir` would overwrite."""
+    existing = [Path(outdir) / f for f in _plan(images) if (Path(outdir) / f).exists()]
     if existing:
         shown = ", ".join(str(p) for p in existing[:3]) + (" …" if len(existing) > 3 else "")
         raise FileExistsError(f"{shown} exist{'s' if len(existing) == 1 else ''}; pass --force to overwrite")
