@@ -31,13 +31,14 @@ from collections.abc import Callable, Sequence
 import constriction
 import numpy as np
 
+from vdm.codec import detmath
 from vdm.codec.chain import Chain
 
 SUPPORT_STDS = 8.0  # half-width of every Gaussian window, in standard deviations
-MEAN_QUANTUM = 2.0 ** -16  # means (in bins) are rounded to this before coding
 ESCAPE_BITS = 16  # the excess of an escaped value is sent as two uniform symbols of this many bits
 
 _model = constriction.stream.model
+_CATEGORICAL = _model.Categorical(perfect=False)
 EpsFn = Callable[[list[np.ndarray], int], list[np.ndarray]]
 
 
@@ -46,15 +47,35 @@ class CorruptStreamError(ValueError):
 
 
 class _Gaussians:
-    """QuantizedGaussian models over [−R, R], one per window half-width R (constructed once each)."""
+    """Discretised Gaussians over the window [−R, R] of a rounded mean, one table per (std, R).
+
+    Row j of the table is the distribution of N(o, std²) binned to the integers, for the mean offset
+    o = j/OFFSETS − ½ (j = 0..OFFSETS): each bin's mass ∫_{k−½}^{k+½} exp(−(x − o)²/(2·std²)) dx by
+    GAUSS_NODES-point Gauss–Legendre quadrature with `detmath.exp`, so every machine builds the same table
+    (`constriction`'s own Gaussian calls the platform's libm, whose last bits vary between machines).
+    """
 
     def __init__(self):
-        self._cache: dict[int, object] = {}
+        self._cache: dict[tuple[float, int], np.ndarray] = {}
 
-    def __call__(self, R: int):
-        if R not in self._cache:
-            self._cache[R] = _model.QuantizedGaussian(-R, R)
-        return self._cache[R]
+    def __call__(self, std_bins: float, R: int) -> np.ndarray:
+        key = (std_bins, R)
+        if key not in self._cache:
+            offsets = np.arange(OFFSETS + 1, dtype=np.float64) / OFFSETS - 0.5
+            k = np.arange(-R, R + 1, dtype=np.float64)
+            mass = np.zeros((OFFSETS + 1, 2 * R + 1))
+            scale = -0.5 / (std_bins * std_bins)
+            for node, weight in GAUSS_LEGENDRE:
+                d = np.subtract(np.add(k[None, :], 0.5 * node), offsets[:, None])
+                mass = np.add(mass, np.multiply(weight, detmath.exp(np.multiply(np.multiply(d, d), scale))))
+            self._cache[key] = mass
+        return self._cache[key]
+
+
+# Gauss–Legendre nodes on [−1, 1] and weights (4 points), for the bins' masses
+GAUSS_LEGENDRE = ((-0.8611363115940526, 0.3478548451374538), (-0.3399810435848563, 0.6521451548625461),
+                  (0.3399810435848563, 0.6521451548625461), (0.8611363115940526, 0.3478548451374538))
+OFFSETS = 256  # a mean's offset from its rounded value is rounded to 1/OFFSETS of a bin
 
 
 def _window(std_bins: float) -> int:
@@ -62,12 +83,12 @@ def _window(std_bins: float) -> int:
 
 
 def _split_mean(mean_bins: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(integer centre, offset in [−½, ½] rounded to MEAN_QUANTUM) of means given in bins."""
+    """(integer centre, table row j of the offset j/OFFSETS − ½) of means given in bins."""
     if not np.all(np.abs(mean_bins) < 2.0 ** 52):
         raise CorruptStreamError("a model mean is not finite: the stream is corrupt")
     center = np.rint(mean_bins)
-    offset = np.round((mean_bins - center) / MEAN_QUANTUM) * MEAN_QUANTUM
-    return center.astype(np.int64), offset
+    row = np.rint(np.multiply(np.subtract(mean_bins, center), OFFSETS)) + OFFSETS // 2
+    return center.astype(np.int64), row.astype(np.int64)
 
 
 def push_words(coder, words: np.ndarray) -> None:
@@ -92,7 +113,7 @@ def push_gaussian(coder, models: _Gaussians, idx: np.ndarray, mean_bins: np.ndar
     With `escape`, values beyond the window are allowed (edge symbol + excess); without, they are an error.
     """
     R = _window(std_bins)
-    center, offset = _split_mean(mean_bins)
+    center, row = _split_mean(mean_bins)
     sym = idx - center
     outside = np.abs(sym) >= R if escape else np.abs(sym) > R
     if outside.any():
@@ -103,16 +124,14 @@ def push_gaussian(coder, models: _Gaussians, idx: np.ndarray, mean_bins: np.ndar
             raise ValueError("a latent lies absurdly far from its model's mean; cannot code it")
         push_words(coder, excess)
         sym = np.clip(sym, -R, R)
-    stds = np.full(len(sym), std_bins)
-    coder.encode_reverse(sym.astype(np.int32), models(R), offset, stds)
+    coder.encode_reverse((sym + R).astype(np.int32), _CATEGORICAL, models(std_bins, R)[row])
 
 
 def pop_gaussian(coder, models: _Gaussians, mean_bins: np.ndarray, std_bins: float, escape: bool) -> np.ndarray:
     """Pop integer grid indices drawn from N(mean_bins, std_bins²) quantised to unit bins (inverse of push)."""
     R = _window(std_bins)
-    center, offset = _split_mean(mean_bins)
-    stds = np.full(len(center), std_bins)
-    sym = coder.decode(models(R), offset, stds).astype(np.int64)
+    center, row = _split_mean(mean_bins)
+    sym = coder.decode(_CATEGORICAL, models(std_bins, R)[row]).astype(np.int64) - R
     if escape:
         edge = np.abs(sym) == R
         if edge.any():
@@ -152,17 +171,18 @@ def _decoder_window(chain: Chain, z0_idx: np.ndarray, vocab: int) -> tuple[np.nd
     """
     g0 = chain.gamma[0]
     u = z0_idx * chain.delta[0] / chain.alpha[0]  # z_0/α_0, in f units
-    sd_k = math.exp(0.5 * g0) * vocab / 2  # std of p(x|z_0) in pixel values
+    sd_k = float(detmath.exp(0.5 * g0)) * vocab / 2  # std of p(x|z_0) in pixel values
     half = int(math.ceil(SUPPORT_STDS * (sd_k + chain.delta[0] / chain.alpha[0] * vocab / 2))) + 2
     W = min(vocab, 2 * half + 1)
     center = np.rint((u + 1) * vocab / 2 - 0.5).astype(np.int64)
     lo = np.clip(center - half, 0, vocab - W)
     k = lo[:, None] + np.arange(W)[None, :]
     f_k = 2 * (k + 0.5) / vocab - 1
-    logits = -0.5 * np.square((u[:, None] - f_k) * math.exp(-0.5 * g0))
+    d = np.multiply(np.subtract(u[:, None], f_k), float(detmath.exp(-0.5 * g0)))
+    logits = np.multiply(np.multiply(d, d), -0.5)
     if not np.all(np.isfinite(logits)):
         raise CorruptStreamError("the decoder's probabilities are not finite: the stream is corrupt")
-    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs = detmath.exp(np.subtract(logits, logits.max(axis=1, keepdims=True)))
     return lo, probs
 
 
@@ -171,12 +191,12 @@ def _push_x(coder, chain: Chain, x: np.ndarray, z0_idx: np.ndarray, vocab: int) 
     sym = x - lo
     if (sym < 0).any() or (sym >= probs.shape[1]).any():
         raise AssertionError("a pixel lies outside the decoder window (cannot happen for z_0 drawn from q)")
-    coder.encode_reverse(sym.astype(np.int32), _model.Categorical(perfect=False), probs)
+    coder.encode_reverse(sym.astype(np.int32), _CATEGORICAL, probs)
 
 
 def _pop_x(coder, chain: Chain, z0_idx: np.ndarray, vocab: int) -> np.ndarray:
     lo, probs = _decoder_window(chain, z0_idx, vocab)
-    return lo + coder.decode(_model.Categorical(perfect=False), probs).astype(np.int64)
+    return lo + coder.decode(_CATEGORICAL, probs).astype(np.int64)
 
 
 # --- stages ------------------------------------------------------------------------------------------------
@@ -212,12 +232,13 @@ def _flatten_f(groups: Sequence[np.ndarray]) -> np.ndarray:
 # The region is sized from the pops' expected cost (+10 %), so masking reads no deeper than the pops themselves.
 # (What masking is worth is measured in the README's compression section.)
 MASK_BITS = 16
+SQRT_2_PI_E = 4.1327313541224930  # √(2πe)
 MASK_MARGIN = 1.1
 
 
 def pop_bits(std_bins: float) -> float:
     """≈ bits one pop of a Gaussian latent of std `std_bins` bins takes from the stack: log2(√(2πe)·std)."""
-    return math.log2(math.sqrt(2 * math.pi * math.e) * std_bins)
+    return float(detmath.log2(SQRT_2_PI_E * std_bins))
 
 
 def mask_words(n: int, std_bins: float) -> int:

@@ -4,19 +4,17 @@ Images are uint8 arrays shaped (H, W) or (H, W, 1) (grey) or (H, W, 3) (colour).
 `compress_images` is the complete `.vdmc` file (see `container.py`); its length in bits over the number of
 sub-pixels is the rate, with the header and the initial bits of bits-back included.
 
-Exactness. Decoding recomputes every distribution the encoder used, so both must run the network with
-bit-identical results: the same model weights (checked by fingerprint), the same batch layout and CPU thread
-count (both recorded in the file), float32 with deterministic algorithms, and the same hardware and software
-(CPU model/instruction set, torch and numpy builds). A file made on one machine decodes on another only if
-those give identical float results; GPU and CPU results differ, so a file made on a GPU decodes only on the
-same kind of GPU.
+Exactness. Decoding recomputes every distribution the encoder used, so both must compute them with
+bit-identical results. They do on any machine: the network is the model's `intnet.CodingNetwork` (exact
+integer sums, lookup tables and correctly rounded float64 operations), the chain and the coding distributions
+use `detmath`, and the model is checked by fingerprint. Thread count, instruction set, oneDNN kernels, CPU or
+CUDA and the torch version may all differ between encoder and decoder.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import constriction
@@ -28,6 +26,7 @@ from vdm.codec.chain import Chain, gammas, make_chain
 from vdm.codec.container import (FINGERPRINT_BYTES, MODES, CodecFormatError, CodingParams, Container, coding_key,
                                  ImageInfo, pack, unpack)
 from vdm.codec.fingerprint import model_fingerprint
+from vdm.codec.intnet import CodingNetwork, exact_arithmetic
 
 
 class ModelMismatchError(ValueError):
@@ -100,18 +99,6 @@ def _headroom(bits: float) -> float:
     return HEADROOM * bits + SLACK_BITS
 
 
-@contextmanager
-def _deterministic(threads: int):
-    old_threads, old_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old_threads)
-        torch.use_deterministic_algorithms(old_det)
-
-
 def mirror_extend(z: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """z (B, C, h, w) tiled with mirror images of itself until it is at least height × width; z stays at the
     top-left. A piece much smaller than the training images (a warm-up tile, an edge tile) is seen by the
@@ -126,29 +113,27 @@ def mirror_extend(z: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 class _Network:
-    """ε̂ for the units of one stage: units of equal shape in batches of at most `batch`, float32.
+    """ε̂ for the units of one stage with the model's exact coding network: units of equal shape in batches
+    of at most `batch` (any batching gives the same bits; it only bounds memory).
 
     Units smaller than the model's training size are evaluated inside their mirror mosaic (`mirror_extend`).
     """
 
     def __init__(self, model, chain: Chain, batch: int, conditioning: float = 0.0):
-        self.model, self.chain, self.batch, self.conditioning = model, chain, batch, conditioning
+        self.net = CodingNetwork(model, model.device)
+        self.chain, self.batch, self.conditioning = chain, batch, conditioning
         self.context = int(model.config.image_size)
 
     @torch.no_grad()
     def __call__(self, groups: list[np.ndarray], i: int) -> list[np.ndarray]:
-        m = self.model
-        gamma = torch.tensor(self.chain.gamma[i], dtype=torch.float32, device=m.device)
+        gamma = float(self.chain.gamma[i])
         out = []
         for z in groups:
             h, w = z.shape[2], z.shape[3]
             parts = []
             for j in range(0, len(z), self.batch):
-                zt = torch.from_numpy(z[j:j + self.batch].astype(np.float32)).to(m.device)
-                zt = mirror_extend(zt, self.context, self.context)
-                cond = torch.full((zt.shape[0],), self.conditioning, dtype=m.dtype, device=m.device)
-                eps = m.eps_hat(zt.to(m.dtype), gamma.to(m.dtype).expand(zt.shape[0]), cond)[:, :, :h, :w]
-                parts.append(eps.to(torch.float64).cpu().numpy())
+                zt = mirror_extend(torch.from_numpy(z[j:j + self.batch]), self.context, self.context)
+                parts.append(self.net.eps(zt.numpy(), gamma, self.conditioning)[:, :, :h, :w])
             out.append(np.concatenate(parts))
         return out
 
@@ -185,7 +170,7 @@ def compress_images(images: Sequence[np.ndarray], model, params: CodingParams = 
     plan = tiling.WarmupPlan(tiles, params.warmup, lambda u: _headroom(per_dim * C * u.h * u.w) > budget)
     stages, topups, held = [], [], None
     bar = _bar(sum(u.h * u.w for u in tiles), "compressing", progress)
-    with _deterministic(params.threads):
+    with exact_arithmetic(params.threads):
         while True:
             budget, stage, need = coder.num_bits(), [], 0.0
             while True:
@@ -222,8 +207,10 @@ def read_header(data: bytes) -> Container:
     return unpack(data)
 
 
-def decompress_images(data: bytes, model, progress: bool = False) -> list[DecodedImage]:
-    """The images stored in a `.vdmc` file, decoded with `model` (which must be the encoder's model).
+def decompress_images(data: bytes, model, progress: bool = False, threads: int | None = None
+                      ) -> list[DecodedImage]:
+    """The images stored in a `.vdmc` file, decoded with `model` (which must be the encoder's model), with
+    `threads` torch CPU threads (default: the number the encoder used; any number gives the same pixels).
 
     Raises `CodecFormatError` for a damaged or foreign file and `ModelMismatchError` for another model.
     """
@@ -259,7 +246,7 @@ def decompress_images(data: bytes, model, progress: bool = False) -> list[Decode
     ends = np.cumsum(c.stages)
     bar = _bar(sum(u.h * u.w for u in units), "decompressing", progress)
     try:
-        with _deterministic(params.threads):
+        with exact_arithmetic(threads or params.threads):
             for si in range(len(c.stages) - 1, -1, -1):
                 end, size = ends[si], c.stages[si]
                 stage = units[end - size:end]

@@ -3,7 +3,7 @@
 Layout (integers are unsigned LEB128 varints unless a size is given; multi-byte fixed fields little-endian):
 
     magic        4 bytes  b"VDMC"
-    version      1 byte   (3)
+    version      1 byte   (4)
     fingerprint 16 bytes  first 16 bytes of the model's SHA-256 fingerprint (`fingerprint.py`)
     steps, grid_bits, tile, warmup, batch, threads, seed_words   7 varints (the coding parameters; seed_words:
                  the number of initial words of the ANS stack)
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 MAGIC = b"VDMC"
-VERSION = 3
+VERSION = 4
 FINGERPRINT_BYTES = 16
 MODES = {0: (1, 2), 1: (1, 3), 2: (3, 3)}  # mode → (channels, array dimensions)
 MAX_SIDE = 1 << 16  # largest height or width accepted from a file
@@ -67,8 +67,8 @@ class CodingParams:
     grid_bits: int = 2  # k: latent z_t is quantised to a grid of width σ_t·2^−k
     tile: int = 32  # tile side in pixels; 0 codes every image plane whole
     warmup: int = 8  # smallest side of the warm-up pieces (tiling.WarmupPlan); 0 for no warm-up
-    batch: int = 32  # units per network call (changing it can change float results, so it is recorded)
-    threads: int = 1  # torch CPU threads of the network evaluations (recorded for the same reason)
+    batch: int = 32  # units per network call and per stage (the stage plan depends on it, so it is recorded)
+    threads: int = 1  # torch CPU threads the encoder used (the decoder's default; any count gives the same bits)
     conditioning: float = 0.0  # the network's conditioning input (augmentation-conditioned models; 0 = none)
 
     def __post_init__(self):

@@ -1,0 +1,383 @@
+"""The coding network: the model's ε̂ recomputed from integers, so it gives the same bits on every machine.
+
+A float network's output depends on the order of its sums (threads, SIMD width, oneDNN kernels, the GPU), so a
+file coded with it decodes only where the same order is used. `CodingNetwork` is a fixed, deterministic
+function of the model's weights (nothing is calibrated on data, so the model's fingerprint identifies it) in
+which every quantity that decides a coding distribution is an integer or a correctly rounded float64 operation:
+
+- Every convolution or matrix product multiplies integer tensors whose every partial sum is an integer below
+  2^24 (float32 products: `EXACT32`) or 2^53 (float64: `EXACT64`) in magnitude, so any summation order — any
+  GEMM or direct convolution, any thread count, CPU or GPU — gives the exact result. This holds by
+  construction: each input is clamped to ±A and each output channel's integer weights satisfy A·Σ|w| ≤ 2^24
+  (resp. 2^53), their scale chosen per output channel from the L1 norm of the float weights. Per-input-channel
+  activation steps are folded into the weights before they are quantised. (Winograd and FFT convolutions are
+  not exact: they are switched off while coding; see `exact_arithmetic`.)
+- The residual stream is fixed point, `RES_BITS` fractional bits, held as integers in float64 and clamped to
+  ±`RES_MAX`, so that a GroupNorm's sums of squares over up to 2^17 values stay exact below 2^53.
+- GroupNorm: the mean is the rounded integer mean, the variance an exact integer sum of squares; the
+  normaliser 1/√(var + ε) a correctly rounded float64 expression; the normalised value is rounded to a grid of
+  `NORM_STEP` within ±`NORM_RANGE`; the channel's affine map and the swish that follows are a lookup table
+  (computed with `detmath`) from that grid straight to the next convolution's integer input.
+- Attention: q·k on integers with per-unit power-of-two scales, softmax weights from a table of
+  2^`SOFTMAX_BITS`·e^−d on a grid of `SOFTMAX_STEP` (d = row maximum − score), their products with v summed in
+  float64 below 2^53.
+- The time conditioning (sinusoidal embedding, the two dense layers, each block's projection) is computed once
+  per chain step with `detmath` and correctly rounded dot products.
+
+`docs/format.md` specifies the arithmetic in the same terms, for other implementations.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vdm.codec import detmath
+
+EXACT32 = 2 ** 24  # |partial sums| of float32 integer products stay within this: exact in any order
+EXACT64 = 2 ** 53
+RES_BITS = 10  # fractional bits of the residual stream
+RES_MAX = 2 ** 17 - 1  # |residual| < 2^17·2^−RES_BITS = 128
+MAX_GROUP = 2 ** 17  # values per GroupNorm group (2 channels × the largest unit, 2^16 pixels)
+NORM_STEP_LOG2 = -7  # GroupNorm output grid 2^−7 …
+NORM_RANGE = 64 * 128  # … within ±64 standard deviations
+TYPICAL_RANGE = 5.0  # activation steps are set so that |normalised value| ≤ 5 maps into ±2^ACT_BITS …
+ACT_BITS = 10  # … integers of the 3×3 convolutions' and dense layers' inputs; larger ones ("spikes", rare)
+FOURIER_BITS = 11  # the first convolution's Fourier-feature inputs: integers |a| ≤ 2^11
+Z_BITS = 26  # its z input: z on a grid of 2^−26 …
+Z_RANGE = 16.0  # … clamped to ±16 (|a| ≤ 2^30, summed in float64)
+QK_BITS_MAX = 9  # attention queries/keys: |q|, |k| ≤ 2^QK_BITS with C·2^(2·QK_BITS) ≤ 2^24
+SOFTMAX_STEP_LOG2 = -8  # d = max − score on a grid of 2^−8 …
+SOFTMAX_RANGE = 24 * 256  # … up to 24 (e^−24 ≈ 4e−11, treated as 24)
+SOFTMAX_BITS = 15  # softmax weights round(2^15·e^−d)
+V_BITS = 16  # attention values: |v| ≤ 2^16 (per-unit power-of-two scale); 2^15·2^16·(pixels ≤ 2^16) < 2^53
+GN_GROUPS = 32
+GN_EPS = 1e-6
+SWISH_MIN = -0.2784645427610738  # min over x of x·sigmoid(x)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu").double().numpy()
+
+
+@contextmanager
+def exact_arithmetic(threads: int | None = None):
+    """Within: no Winograd/FFT convolutions (NNPACK, cuDNN), IEEE float32 products (no TF32/bf16
+    implicit down-conversion), and `threads` torch CPU threads if given. Restores everything after."""
+    saved_threads = torch.get_num_threads()
+    m, c = torch.backends.mkldnn, torch.backends.cuda.matmul
+    saved = (m.conv.fp32_precision, m.matmul.fp32_precision, c.allow_tf32)
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        m.conv.fp32_precision = m.matmul.fp32_precision = "ieee"
+        c.allow_tf32 = False
+        with torch.backends.nnpack.flags(enabled=False), torch.backends.cudnn.flags(enabled=False):
+            yield
+    finally:
+        torch.set_num_threads(saved_threads)
+        m.conv.fp32_precision, m.matmul.fp32_precision = saved[0], saved[1]
+        c.allow_tf32 = saved[2]
+
+
+# --- quantised layers ----------------------------------------------------------------------------------------
+class QuantLinear:
+    """y = W·a + b with integer a (|a| ≤ a_max, per-input-channel steps `in_steps`) and integer weights:
+    W'[o, i] = W[o, i]·in_steps[i] quantised per output row to w_int = rint(W'/s_o) with
+    s_o = Σ|W'[o]| / (bound/a_max − fan_in/2), so that a_max·Σ|w_int| ≤ bound. Output: (exact integer sum)·s_o
+    + b, float64. `kernel` 3 is a 3×3 convolution with zero padding 1, 1 a 1×1 convolution / dense layer."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, in_steps: np.ndarray, a_max: int,
+                 exact: int, device):
+        w = _np(weight)
+        self.kernel = w.shape[2] if w.ndim == 4 else 1
+        w = w.reshape(w.shape[0], w.shape[1], -1)
+        w = np.multiply(w, np.asarray(in_steps, dtype=np.float64)[None, :, None])
+        flat = w.reshape(w.shape[0], -1)
+        fan_in = flat.shape[1]
+        l1 = detmath.l1_norms(flat)
+        limit = exact / a_max - fan_in / 2.0
+        if limit < 1:
+            raise ValueError(f"a layer with fan-in {fan_in} cannot be exact with inputs up to {a_max}")
+        scale = np.where(l1 > 0, np.divide(l1, limit), 1.0)
+        w_int = np.rint(np.divide(flat, scale[:, None]))
+        if not np.all(np.sum(np.abs(w_int), axis=1) * a_max <= exact):
+            raise AssertionError("quantised weights exceed the exactness bound")
+        self.exact = exact
+        dtype = torch.float32 if exact <= EXACT32 else torch.float64
+        self.weight = torch.from_numpy(w_int.reshape(w.shape[0], w.shape[1], self.kernel, self.kernel)
+                                       if self.kernel == 3 else w_int).to(device=device, dtype=dtype)
+        self.weight64 = self.weight.to(torch.float64)
+        self.scale = torch.from_numpy(scale).to(device)
+        self.bias = torch.from_numpy(_np(bias) if bias is not None else np.zeros(len(scale))).to(device)
+        self.a_max = a_max
+
+    def acc(self, a: torch.Tensor) -> torch.Tensor:
+        """The exact integer sums (float64 tensor): a is (B, I, H, W) for kernels, (B, N, I) for dense.
+
+        A 3×3 kernel accepts inputs beyond ±a_max: the clamped part goes through the float32 convolution,
+        the excess (rare spikes) is added in float64 by scattering its products (`_spikes`)."""
+        x = a.to(self.weight.dtype)
+        if self.kernel == 3:
+            low = x.clamp(-self.a_max, self.a_max)
+            out = F.conv2d(low, self.weight, padding=1).to(torch.float64)
+            self._spikes(out, torch.sub(x, low))
+            return out
+        x = x.clamp(-self.a_max, self.a_max)
+        if a.dim() == 4:
+            B, I, H, W = x.shape
+            out = torch.matmul(self.weight, x.reshape(B, I, H * W)).reshape(B, -1, H, W)
+        else:
+            out = torch.matmul(x, self.weight.t())
+        return out.to(torch.float64)
+
+    def _spikes(self, out: torch.Tensor, excess: torch.Tensor) -> None:
+        """out += conv3×3(excess) for a sparse `excess`, in float64: every product and sum is an integer
+        below 2^53, so the scatter's order does not matter."""
+        b, c, y, x = excess.nonzero(as_tuple=True)
+        if not len(b):
+            return
+        vals = excess[b, c, y, x].to(torch.float64)
+        H, W = out.shape[2], out.shape[3]
+        dy = torch.arange(3, device=out.device).repeat_interleave(3)
+        dx = torch.arange(3, device=out.device).repeat(3)
+        oy, ox = y[:, None] - dy + 1, x[:, None] - dx + 1  # (K, 9): where input (y, x) lands through tap (dy, dx)
+        ok = (oy >= 0) & (oy < H) & (ox >= 0) & (ox < W)
+        k, tap = ok.nonzero(as_tuple=True)
+        w = self.weight64[:, c[k], dy[tap], dx[tap]].t()  # (K', O)
+        view = out.permute(0, 2, 3, 1)  # (B, H, W, O), shares out's storage
+        view.index_put_((b[k], oy[k, tap], ox[k, tap]), torch.mul(vals[k, None], w), accumulate=True)
+
+    def __call__(self, a: torch.Tensor, extra_bias: torch.Tensor | None = None, res: bool = True) -> torch.Tensor:
+        """Outputs, float64: acc·s_o + b (+ extra_bias, per output channel), times 2^RES_BITS if `res` (exact:
+        the power of two is folded into s_o and b)."""
+        y = self.acc(a)
+        shape = (1, -1, 1, 1) if y.dim() == 4 else (1, 1, -1)
+        bias = self.bias if extra_bias is None else torch.add(self.bias, extra_bias)
+        k = float(2 ** RES_BITS) if res else 1.0
+        return torch.add(torch.mul(y, torch.mul(self.scale, k).view(shape)), torch.mul(bias, k).view(shape))
+
+
+def to_residual(y: torch.Tensor) -> torch.Tensor:
+    """Values already scaled by 2^RES_BITS (float64) → the residual stream: rounded, clamped (float64)."""
+    return torch.round(y).clamp_(-RES_MAX, RES_MAX)
+
+
+def act_range(gamma: np.ndarray, beta: np.ndarray, swish: bool) -> np.ndarray:
+    """The largest |output| of (n·γ + β, then swish if `swish`) for |n| ≤ TYPICAL_RANGE, per channel."""
+    k = TYPICAL_RANGE
+    lo, hi = np.subtract(beta, np.multiply(np.abs(gamma), k)), np.add(beta, np.multiply(np.abs(gamma), k))
+    if not swish:
+        return np.maximum(np.abs(lo), np.abs(hi))
+    top = np.maximum(np.abs(detmath.silu(lo)), np.abs(detmath.silu(hi)))
+    return np.where((lo < -1.2784645) & (hi > -1.2784645), np.maximum(top, -SWISH_MIN), top)
+
+
+class QuantNormAct:
+    """GroupNorm (exact statistics) then the channel's affine map and swish (or nothing) as a lookup table
+    whose entries are the next layer's integer inputs, |a| ≤ 2^a_bits, channel c in steps of `steps[c]`."""
+
+    def __init__(self, norm: torch.nn.GroupNorm, swish: bool, a_bits: int, device):
+        self.groups = norm.num_groups
+        if norm.num_groups != min(GN_GROUPS, norm.num_channels) or norm.eps != GN_EPS:
+            raise ValueError("the coding network supports GroupNorm(min(32, C), C, eps=1e-6) only")
+        gamma, beta = _np(norm.weight), _np(norm.bias)
+        a_max = 2 ** a_bits
+        top = act_range(gamma, beta, swish)
+        self.steps = np.where(top > 0, np.divide(top, a_max), 1.0)
+        u = np.arange(-NORM_RANGE, NORM_RANGE + 1, dtype=np.float64) * 2.0 ** NORM_STEP_LOG2
+        v = np.add(np.multiply(u[None, :], gamma[:, None]), beta[:, None])
+        if swish:
+            v = detmath.silu(v)
+        table = np.rint(np.divide(v, self.steps[:, None]))  # beyond ±a_max: spikes (QuantLinear.acc)
+        self.width = 2 * NORM_RANGE + 1
+        self.table = torch.from_numpy(table.reshape(-1)).to(device=device, dtype=torch.float32)
+        self.offsets = (torch.arange(len(gamma), device=device) * self.width + NORM_RANGE).view(1, -1, 1, 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x: residual stream (B, C, H, W) → integer activations (float32 tensor holding integers)."""
+        B, C, H, W = x.shape
+        xs = x.view(B, self.groups, -1)
+        n = xs.shape[2]
+        if n > MAX_GROUP:
+            raise ValueError(f"a GroupNorm group of {n} values exceeds {MAX_GROUP}: the sums would not be exact")
+        s = _np(xs.sum(2))  # exact: integers, |partial sums| < 2^17·2^17
+        m = np.floor(np.divide(np.add(np.multiply(s, 2.0), n), 2.0 * n))  # the mean, rounded (deterministically)
+        d = torch.sub(xs, torch.from_numpy(m).to(x.device)[:, :, None])
+        ss = _np(torch.mul(d, d).sum(2))  # exact: |d| < 2^18, n ≤ 2^17, so the sums stay below 2^53
+        var = np.multiply(np.divide(ss, float(n)), 2.0 ** (-2 * RES_BITS))
+        r = np.divide(1.0, np.sqrt(np.add(var, GN_EPS)))
+        f = torch.from_numpy(np.multiply(r, 2.0 ** (-RES_BITS - NORM_STEP_LOG2))).to(x.device)
+        u = torch.round(torch.mul(d, f[:, :, None])).clamp_(-NORM_RANGE, NORM_RANGE).to(torch.int64)
+        return self.table.index_select(0, torch.add(u.view(B, C, H, W), self.offsets).view(-1)).view(B, C, H, W)
+
+
+def _pow2_quantise(y: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-unit (dim 0) power-of-two step 2^e with max|y| ≤ 2^bits·2^e: (integers as float64, steps (B,))."""
+    top = _np(y.abs().flatten(1).amax(1))
+    _, e = np.frexp(top)  # top = m·2^e, m in [½, 1): top/2^(e − bits) ≤ 2^bits
+    step = np.ldexp(1.0, (e - bits).astype(np.int64))
+    step_t = torch.from_numpy(step).to(y.device)
+    shape = (-1,) + (1,) * (y.dim() - 1)
+    return torch.round(torch.div(y, step_t.view(shape))), step_t
+
+
+class QuantResBlock:
+    def __init__(self, blk, device):
+        self.norm1 = QuantNormAct(blk.norm1, True, ACT_BITS, device)
+        self.conv1 = QuantLinear(blk.conv1.weight, blk.conv1.bias, self.norm1.steps, 2 ** ACT_BITS, EXACT32, device)
+        self.cond_proj = _np(blk.cond_proj.weight)
+        self.norm2 = QuantNormAct(blk.norm2, True, ACT_BITS, device)
+        self.conv2 = QuantLinear(blk.conv2.weight, blk.conv2.bias, self.norm2.steps, 2 ** ACT_BITS, EXACT32, device)
+        self.nin = None
+        if blk.nin_shortcut is not None:
+            steps = np.full(blk.nin_shortcut.weight.shape[1], 2.0 ** -RES_BITS)
+            self.nin = QuantLinear(blk.nin_shortcut.weight, blk.nin_shortcut.bias, steps, RES_MAX, EXACT64, device)
+
+    def __call__(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        h = to_residual(self.conv1(self.norm1(x), cond))
+        h2 = to_residual(self.conv2(self.norm2(h)))
+        shortcut = to_residual(self.nin(x)) if self.nin is not None else x
+        return torch.add(shortcut, h2).clamp_(-RES_MAX, RES_MAX)
+
+
+def _chunks(B: int, N: int, most: int):
+    """(b0, b1, lo, hi): units b0..b1 and query rows lo..hi with (b1 − b0)·(hi − lo)·N ≤ most (or one row)."""
+    if N * N <= most:
+        per = max(1, most // (N * N))
+        for b0 in range(0, B, per):
+            yield b0, min(B, b0 + per), 0, N
+    else:
+        rows = max(1, most // N)
+        for b in range(B):
+            for lo in range(0, N, rows):
+                yield b, b + 1, lo, min(N, lo + rows)
+
+
+class QuantAttnBlock:
+    """Single-head self-attention over the unit's pixels, exact as described in the module docstring."""
+
+    def __init__(self, blk, device):
+        C = blk.q.weight.shape[0]
+        self.norm = QuantNormAct(blk.norm, False, ACT_BITS, device)
+        self.q, self.k, self.v = (QuantLinear(lin.weight, lin.bias, self.norm.steps, 2 ** ACT_BITS, EXACT32, device)
+                                  for lin in (blk.q, blk.k, blk.v))
+        self.proj = QuantLinear(blk.proj_out.weight, blk.proj_out.bias, np.ones(C), 2 ** ACT_BITS, EXACT32, device)
+        self.qk_bits = min(QK_BITS_MAX, int(math.floor((24 - math.log2(C)) / 2)))
+        self.inv_sqrt_c = 1.0 / math.sqrt(C)
+        d = np.arange(SOFTMAX_RANGE + 1, dtype=np.float64) * 2.0 ** SOFTMAX_STEP_LOG2
+        self.exp_table = torch.from_numpy(np.rint(np.multiply(detmath.exp(np.negative(d)), 2.0 ** SOFTMAX_BITS))
+                                          ).to(device=device, dtype=torch.float64)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        N = H * W
+        a = self.norm(x).flatten(2).transpose(1, 2)  # (B, N, C) integers
+        q, qs = _pow2_quantise(self.q(a, res=False), self.qk_bits)
+        k, ks = _pow2_quantise(self.k(a, res=False), self.qk_bits)
+        v, vs = _pow2_quantise(self.v(a, res=False), V_BITS)
+        # u = round((max − score)·2^8) on the integer scores: |q·k| < 2^23, so max − q·k is exact in float32
+        factor = torch.mul(torch.mul(torch.mul(qs, ks), self.inv_sqrt_c), 2.0 ** -SOFTMAX_STEP_LOG2)
+        factor = factor.to(torch.float32)  # one correctly rounded conversion per unit
+        q32, k32 = q.to(torch.float32), k.to(torch.float32)
+        out = torch.empty(B, N, C, dtype=torch.float64, device=x.device)
+        for b0, b1, lo, hi in _chunks(B, N, 1 << 24):  # at most 2^24 scores at a time
+            s = torch.matmul(q32[b0:b1, lo:hi], k32[b0:b1].transpose(1, 2))  # exact integers
+            d = torch.sub(s.amax(2, keepdim=True), s)
+            u = torch.round(torch.mul(d, factor[b0:b1].view(-1, 1, 1))).clamp_(max=SOFTMAX_RANGE)
+            e = self.exp_table.index_select(0, u.to(torch.int64).view(-1)).view(u.shape)
+            num = torch.matmul(e, v[b0:b1])  # exact: 2^15·2^16·pixels < 2^53
+            out[b0:b1, lo:hi] = torch.mul(torch.div(num, e.sum(2, keepdim=True)), vs[b0:b1].view(-1, 1, 1))
+        o, os_ = _pow2_quantise(out, ACT_BITS)
+        y = self.proj.acc(o)  # (B, N, C) exact sums of the integer o
+        scale = torch.mul(self.proj.scale, float(2 ** RES_BITS)).view(1, 1, -1)
+        y = torch.add(torch.mul(torch.mul(y, scale), os_.view(-1, 1, 1)),
+                      torch.mul(self.proj.bias, float(2 ** RES_BITS)).view(1, 1, -1))
+        return torch.add(x, to_residual(y.transpose(1, 2).reshape(B, C, H, W))).clamp_(-RES_MAX, RES_MAX)
+
+
+class CodingNetwork:
+    """ε̂(z_t; γ_t) of `model` computed exactly (see the module docstring); built from the model's weights."""
+
+    def __init__(self, model, device: str | torch.device = "cpu"):
+        net = model.score_model
+        cfg = model.config
+        self.device = torch.device(device)
+        self.gamma_min, self.gamma_max = float(cfg.gamma_min), float(cfg.gamma_max)
+        self.n_embd = net.n_embd
+        self.channels = cfg.channels
+        self.exponents = tuple(net.fourier_exponents)
+        self.dense = [(_np(net.dense0.weight), _np(net.dense0.bias)), (_np(net.dense1.weight), _np(net.dense1.bias))]
+        C, w_in = self.channels, net.conv_in.weight
+        self.conv_in_z = QuantLinear(w_in[:, :C], net.conv_in.bias, np.full(C, 2.0 ** -Z_BITS),
+                                     int(Z_RANGE * 2 ** Z_BITS), EXACT64, self.device)
+        self.conv_in_f = None
+        if w_in.shape[1] > C:
+            self.conv_in_f = QuantLinear(w_in[:, C:], None, np.full(w_in.shape[1] - C, 2.0 ** -FOURIER_BITS),
+                                         2 ** FOURIER_BITS, EXACT32, self.device)
+        self.down = [QuantResBlock(b, self.device) for b in net.down]
+        self.down_attn = [QuantAttnBlock(a, self.device) if not isinstance(a, torch.nn.Identity) else None
+                          for a in net.down_attn]
+        self.mid1 = QuantResBlock(net.mid_block1, self.device)
+        self.mid_attn = QuantAttnBlock(net.mid_attn, self.device)
+        self.mid2 = QuantResBlock(net.mid_block2, self.device)
+        self.up = [QuantResBlock(b, self.device) for b in net.up]
+        self.up_attn = [QuantAttnBlock(a, self.device) if not isinstance(a, torch.nn.Identity) else None
+                        for a in net.up_attn]
+        self.norm_out = QuantNormAct(net.norm_out, True, ACT_BITS, self.device)
+        self.conv_out = QuantLinear(net.conv_out.weight, net.conv_out.bias, self.norm_out.steps, 2 ** ACT_BITS,
+                                    EXACT32, self.device)
+        self.blocks = self.down + [self.mid1, self.mid2] + self.up
+        self._cond: dict[tuple[float, float], list[torch.Tensor]] = {}
+
+    # --- the time conditioning, per chain step ---------------------------------------------------------------
+    def block_biases(self, gamma: float, conditioning: float = 0.0) -> list[torch.Tensor]:
+        """Each block's conditioning bias (float64, per channel) at log-SNR parameter γ (cached)."""
+        key = (gamma, conditioning)
+        if key not in self._cond:
+            t_c = (gamma - self.gamma_min) / (self.gamma_max - self.gamma_min)
+            half = self.n_embd // 2
+            freqs = detmath.exp(np.arange(half, dtype=np.float64) * (-9.210340371976184 / (half - 1)))  # ln 10⁴
+            sin, cos = detmath.sin_cos(np.multiply(freqs, 1000.0 * t_c))
+            emb = np.concatenate([sin, cos] + ([np.zeros(1)] if self.n_embd % 2 else []) + [np.array([conditioning])])
+            for w, b in self.dense:
+                emb = detmath.silu(np.add(detmath.dot(w, emb), b))
+            self._cond[key] = [torch.from_numpy(detmath.dot(blk.cond_proj, emb)).to(self.device)
+                               for blk in self.blocks]
+        return self._cond[key]
+
+    def first_layer(self, z: np.ndarray) -> torch.Tensor:
+        """conv_in on [z, sin/cos(2ⁿ·2π·z)] (z float64 (B, C, H, W)): z as integers on a grid of 2^−Z_BITS
+        (float64 sums), the Fourier features as integers of |a| ≤ 2^FOURIER_BITS (float32 sums); float64."""
+        z = np.clip(np.asarray(z, dtype=np.float64), -Z_RANGE, Z_RANGE)
+        y = self.conv_in_z(torch.from_numpy(np.rint(np.multiply(z, 2.0 ** Z_BITS))).to(self.device))
+        if self.conv_in_f is None:
+            return y
+        feats = np.repeat(z, len(self.exponents), axis=1)
+        mult = np.tile(np.array([2.0 ** e * (2 * math.pi) for e in self.exponents]), z.shape[1])
+        sin, cos = detmath.sin_cos(np.multiply(feats, mult[None, :, None, None]))
+        a = np.rint(np.multiply(np.concatenate([sin, cos], axis=1), 2.0 ** FOURIER_BITS))
+        return torch.add(y, self.conv_in_f(torch.from_numpy(a).to(self.device)))
+
+    def eps(self, z: np.ndarray, gamma: float, conditioning: float = 0.0) -> np.ndarray:
+        """ε̂ for latents z (float64 numpy, (B, C, H, W)) at γ: float64 numpy, the same bits on any machine."""
+        biases = iter(self.block_biases(gamma, conditioning))
+        h = to_residual(self.first_layer(z))
+        skips = [h]
+        for blk, att in zip(self.down, self.down_attn):
+            h = blk(h, next(biases))
+            if att is not None:
+                h = att(h)
+            skips.append(h)
+        h = self.mid2(self.mid_attn(self.mid1(h, next(biases))), next(biases))
+        for blk, att in zip(self.up, self.up_attn):
+            h = blk(torch.cat([h, skips.pop()], dim=1), next(biases))
+            if att is not None:
+                h = att(h)
+        out = self.conv_out(self.norm_out(h), res=False)
+        zt = torch.from_numpy(np.asarray(z, dtype=np.float64)).to(self.device)
+        return torch.add(out, zt).cpu().numpy()
