@@ -35,7 +35,8 @@ def register(subparsers) -> None:
                         f"whole tile's bits; 0 = no warm-up (default {d.warmup})")
     p.add_argument("--batch", type=int, default=d.batch, help=f"tiles per network call (default {d.batch})")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads; recorded in the file and reused to decode (default: torch's)")
+                   help="torch CPU threads (default: torch's); recorded as the decoder's default. The file "
+                        "decodes to the same pixels with any thread count, CPU or GPU")
     p.add_argument("--conditioning", type=float, default=d.conditioning, metavar="C",
                    help="the network's conditioning input, recorded in the file: 0 (default) for every model but "
                         "augmentation-conditioned ones (official cifar10_aug), where 0 means un-augmented images")
@@ -45,11 +46,14 @@ def register(subparsers) -> None:
         "decompress", help="decompress a .vdmc file into images",
         description="Decode a .vdmc file with the model that made it (checked by fingerprint) and write its "
                     "images into a directory: arrays as .npy/.npz, everything else as PNG. Damaged files and "
-                    "files made with another model are refused. Decoding must run on the same kind of device "
-                    "and software as encoding (see vdm.codec.compressor).")
+                    "files made with another model are refused. Any machine decodes the file exactly: the coding "
+                    "network computes with exact integer sums (see docs/format.md), so the CPU, its instruction set, "
+                    "the thread count and the torch version do not change the pixels.")
     q.add_argument("input", metavar="FILE", help="the .vdmc file")
     q.add_argument("-o", "--output", required=True, help="directory to write the images into")
     q.add_argument("--force", action="store_true", help="overwrite images that already exist in the directory")
+    q.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: the number recorded by the encoder); any gives the same pixels")
     _model_args(q)
     q.set_defaults(func=decompress_command)
 
@@ -119,7 +123,9 @@ def decompress_command(args) -> int:
             refuse_existing([(im.name, np.broadcast_to(np.uint8(0), shape))
                              for im, shape in zip(header.images, shapes)], args.output)
         model = _load(args)
-        images = decompress_images(data, model, progress=not args.quiet)
+        if args.threads is not None and not 1 <= args.threads <= 256:
+            raise ValueError(f"--threads must lie in 1..256, got {args.threads}")
+        images = decompress_images(data, model, progress=not args.quiet, threads=args.threads)
         paths = write_images([(im.name, im.pixels) for im in images], args.output, force=args.force)
     except _errors() as e:
         return _fail("decompress", e)

@@ -1,0 +1,155 @@
+"""Portable `.vdmc` files: the coding network and the coding distributions give the same bits on any machine.
+
+The properties that make this hold by construction are checked directly (integer sums within the exactness
+bounds, elementary functions accurate and built from correctly rounded operations), and end to end: a file made
+in this process decodes in another process whose torch kernels (ATEN_CPU_CAPABILITY), oneDNN instruction set,
+numpy SIMD loops and thread count all differ.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vdm.cli import main as vdm_main
+from vdm.codec import detmath, intnet
+from vdm.codec.chain import gammas, make_chain
+from vdm.codec.intnet import CodingNetwork, exact_arithmetic
+from vdm.data import load_dataset
+from vdm.pretrained import load_default_model
+
+FIXTURES = Path(__file__).parent / "fixtures" / "codec"
+OTHER_MACHINE = {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "OMP_NUM_THREADS": "1",
+                 "NPY_DISABLE_CPU_FEATURES": "AVX2 FMA3"}
+
+
+@pytest.fixture(scope="module")
+def packaged():
+    return load_default_model()
+
+
+@pytest.fixture(scope="module")
+def coding(packaged):
+    return CodingNetwork(packaged)
+
+
+def photo_crop() -> np.ndarray:
+    """A 24×40 RGB crop of held-out photo tiles (uint8, H×W×3)."""
+    tiles = load_dataset("photos", "test")
+    return np.ascontiguousarray(np.concatenate([tiles[300], tiles[900]], axis=2).transpose(1, 2, 0)[4:28, 8:48])
+
+
+# --- elementary functions -----------------------------------------------------------------------------------
+def _ulps(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.max(np.abs(a - b) / np.spacing(np.maximum(np.abs(b), 1e-300))))
+
+
+def test_detmath_agrees_with_the_true_functions_to_a_few_ulps():
+    x = np.linspace(-700, 700, 200_001)
+    assert _ulps(detmath.exp(x), np.exp(x)) <= 4
+    y = np.concatenate([np.linspace(-3, 3, 100_001), [1e-12, -1e-9, 0.49999, 0.5]])
+    assert _ulps(detmath.expm1(y), np.expm1(y)) <= 4
+    p = np.exp(np.linspace(-700, 700, 100_001))
+    assert np.max(np.abs(detmath.log2(p) - np.log2(p))) <= 4 * np.spacing(1024.0)
+    t = np.linspace(-5000, 5000, 1_000_001)
+    s, c = detmath.sin_cos(t)
+    assert np.max(np.abs(s - np.sin(t))) < 1e-15 and np.max(np.abs(c - np.cos(t))) < 1e-15
+    assert detmath.dot(np.array([[1e16, 1.0, -1e16]]), np.ones(3))[0] == 1.0  # correctly rounded sums
+
+
+def test_detmath_refuses_arguments_outside_its_domain():
+    with pytest.raises(ValueError, match="out of range"):
+        detmath.sin_cos(np.array([2.0 ** 21]))
+    with pytest.raises(ValueError, match="positive"):
+        detmath.log2(np.array([0.0]))
+
+
+# --- exact integer arithmetic ---------------------------------------------------------------------------------
+def _layers(net: CodingNetwork):
+    for blk in net.blocks:
+        yield from (layer for layer in (blk.conv1, blk.conv2, blk.nin) if layer is not None)
+    for att in [net.mid_attn] + [a for a in net.down_attn + net.up_attn if a is not None]:
+        yield from (att.q, att.k, att.v, att.proj)
+    yield from (net.conv_in_z, net.conv_in_f, net.conv_out)
+
+
+def test_every_layer_keeps_its_integer_sums_within_the_exactness_bound(coding):
+    """a_max·Σ|w| ≤ 2^24 (float32 sums) or 2^53 (float64) for every output channel of every layer, so any
+    order of summation gives the exact integer."""
+    for layer in _layers(coding):
+        w = layer.weight.double().flatten(1)
+        assert torch.equal(w, w.round())
+        assert float((w.abs().sum(1) * layer.a_max).max()) <= layer.exact
+        assert layer.exact == (intnet.EXACT32 if layer.weight.dtype == torch.float32 else intnet.EXACT64)
+
+
+def test_the_worst_case_float32_convolution_is_exact(coding):
+    """Inputs of ±a_max with the signs of the weights drive every partial sum to its bound: the float32
+    convolution still equals the float64 one (exact at these magnitudes)."""
+    layer = coding.up[0].conv1
+    w = layer.weight
+    a = torch.sign(w[:1]) * layer.a_max  # one output channel's worst case, as a 3×3 input patch
+    a = F.pad(a, (1, 1, 1, 1))
+    got = F.conv2d(a, w, padding=1)[0, 0, 2, 2]
+    want = F.conv2d(a.double(), w.double(), padding=1)[0, 0, 2, 2]
+    assert float(got) == float(want) == float((w[0].abs() * layer.a_max).sum())
+
+
+def test_the_coding_network_follows_the_float_model(packaged, coding):
+    """On held-out photo tiles at early, middle and late chain steps, ε̂ of the coding network stays within
+    0.02 RMS of the float64 model's (measured 0.004–0.010); a wrong layer or scale gives ≥ 0.1."""
+    m64 = load_default_model().double()
+    tiles = load_dataset("photos", "test")
+    f = 2 * (torch.as_tensor(tiles[::160][:8]).double() + 0.5) / 256 - 1
+    chain = make_chain(gammas(packaged, 200), 2)
+    rng = np.random.default_rng(0)
+    with exact_arithmetic(1):
+        for i in (1, 60, 150, 200):
+            z = chain.alpha[i] * f.numpy() + chain.sigma[i] * rng.standard_normal(f.shape)
+            z = np.rint(z / chain.delta[i]) * chain.delta[i]
+            with torch.no_grad():
+                want = m64.eps_hat(torch.as_tensor(z), torch.tensor(chain.gamma[i], dtype=torch.float64)).numpy()
+            err = coding.eps(z, float(chain.gamma[i])) - want
+            assert math.sqrt(float(np.mean(err ** 2))) < 0.02, i
+
+
+def test_the_coding_network_gives_the_same_bits_for_any_batch_and_thread_count(coding):
+    z = np.random.default_rng(1).standard_normal((6, 3, 32, 32))
+    with exact_arithmetic(2):
+        whole = coding.eps(z, -3.0)
+    with exact_arithmetic(1):
+        parts = np.concatenate([coding.eps(z[:1], -3.0), coding.eps(z[1:], -3.0)])
+    assert np.array_equal(whole.view(np.uint64), parts.view(np.uint64))
+
+
+# --- end to end -----------------------------------------------------------------------------------------------
+def test_a_file_decodes_exactly_in_another_process_with_other_kernels(tmp_path):
+    """Encode here (2 threads, this machine's best kernels); decode in a process with torch's generic
+    kernels, oneDNN limited to SSE4.1, numpy without AVX2/FMA and one thread."""
+    img = photo_crop()
+    np.save(tmp_path / "crop.npy", img)
+    out_file = tmp_path / "crop.vdmc"
+    assert vdm_main(["compress", str(tmp_path / "crop.npy"), "-o", str(out_file), "--steps", "6",
+                     "--threads", "2", "-q"]) == 0
+    env = dict(os.environ, **OTHER_MACHINE)
+    r = subprocess.run([sys.executable, "-m", "vdm", "decompress", str(out_file), "-o", str(tmp_path / "out"),
+                        "--threads", "1", "-q"], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "crop.npy"), img)
+
+
+def test_a_file_of_this_format_version_keeps_decoding(packaged):
+    """A file written with format version 4 (tests/fixtures/codec, made by `vdm compress photo.npy --steps 6`)
+    decodes to its photo: any change to the coding arithmetic that would strand existing files fails here."""
+    from vdm.codec import decompress_images
+    data = (FIXTURES / "photo_T6.vdmc").read_bytes()
+    out = decompress_images(data, packaged)
+    np.testing.assert_array_equal(out[0].pixels, np.load(FIXTURES / "photo.npy"))
