@@ -101,7 +101,7 @@ def test_round_trip_grey_model_codes_colour_planes_separately():
 def test_stage_round_trip_restores_the_stack_exactly(model):
     """Decoding a stage pops exactly what encoding pushed: the ANS stack returns to its initial words."""
     chain = make_chain(gammas(model, 2), 3)
-    net = _Network(model, chain, 8)
+    net = _Network(model, chain)
     x = np.random.default_rng(1).integers(0, 256, (2, 3, 4, 3))
     seed = seed_words(4000)
     coder = constriction.stream.stack.AnsCoder(seed)

@@ -10,16 +10,16 @@ Every pop of latents is preceded by `mask_stack` (see there), which makes the bi
 data at no cost in bits.
 
 Decoding runs the same steps backwards with push and pop swapped. Each latent z_{t_i} is an integer index on
-its grid δ_i (see `chain.py`); each Gaussian is coded as `constriction`'s QuantizedGaussian over a bounded
-window of ±⌈8·std⌉ bins around the rounded mean. Values a model puts outside its window (possible only for
+its grid δ_i (see `chain.py`); each Gaussian is coded as a categorical over a bounded window of ±⌈8·std⌉ bins
+around the rounded mean, its probabilities the bins' masses from a table over the mean's offset (`_Gaussians`). Values a model puts outside its window (possible only for
 p, never for q, whose draws come from the window) are escaped: the window's edge symbol, then the excess as
 two 16-bit uniform symbols. The decoder p(x|z_0) is the categorical of `losses.decoder_logits`, restricted to
 the values that q(z_0|x) can reach (the rest carries < 1e-14 of its mass).
 
 The expected net code length of a stage is its negative ELBO with quantised latents, in bits.
 The encoder and the decoder must compute bit-identical distributions: they share every formula here
-(`_q_*`, `_p_*` helpers), the network runs in float32 on the same batch layout, and means are rounded to
-2^−16 of a bin before they reach the coder.
+(`_q_*`, `_p_*` helpers), ε̂ comes from the exact coding network (`intnet.py`), and every transcendental
+function is `detmath`'s, so the distributions are the same on any machine.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class _Gaussians:
 
     Row j of the table is the distribution of N(o, std²) binned to the integers, for the mean offset
     o = j/OFFSETS − ½ (j = 0..OFFSETS): each bin's mass ∫_{k−½}^{k+½} exp(−(x − o)²/(2·std²)) dx by
-    GAUSS_NODES-point Gauss–Legendre quadrature with `detmath.exp`, so every machine builds the same table
+    4-point Gauss–Legendre quadrature with `detmath.exp`, so every machine builds the same table
     (`constriction`'s own Gaussian calls the platform's libm, whose last bits vary between machines).
     """
 

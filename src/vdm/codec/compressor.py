@@ -112,16 +112,19 @@ def mirror_extend(z: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return z
 
 
+EVAL_BATCH = 8  # units per coding-network evaluation: any number gives the same bits; 8 keeps the
+# network's many elementwise passes in cache (measured faster than 32 on one thread)
+
+
 class _Network:
-    """ε̂ for the units of one stage with the model's exact coding network: units of equal shape in batches
-    of at most `batch` (any batching gives the same bits; it only bounds memory).
+    """ε̂ for the units of one stage with the model's exact coding network, EVAL_BATCH units at a time.
 
     Units smaller than the model's training size are evaluated inside their mirror mosaic (`mirror_extend`).
     """
 
-    def __init__(self, model, chain: Chain, batch: int, conditioning: float = 0.0):
+    def __init__(self, model, chain: Chain, conditioning: float = 0.0):
         self.net = CodingNetwork(model, model.device)
-        self.chain, self.batch, self.conditioning = chain, batch, conditioning
+        self.chain, self.conditioning = chain, conditioning
         self.context = int(model.config.image_size)
 
     @torch.no_grad()
@@ -131,8 +134,8 @@ class _Network:
         for z in groups:
             h, w = z.shape[2], z.shape[3]
             parts = []
-            for j in range(0, len(z), self.batch):
-                zt = mirror_extend(torch.from_numpy(z[j:j + self.batch]), self.context, self.context)
+            for j in range(0, len(z), EVAL_BATCH):
+                zt = mirror_extend(torch.from_numpy(z[j:j + EVAL_BATCH]), self.context, self.context)
                 parts.append(self.net.eps(zt.numpy(), gamma, self.conditioning)[:, :, :h, :w])
             out.append(np.concatenate(parts))
         return out
@@ -165,7 +168,7 @@ def compress_images(images: Sequence[np.ndarray], model, params: CodingParams = 
     _check_unit_sizes(tiles)
     per_dim = bitsback.deficit_bits_per_dim(chain)
     coder = constriction.stream.stack.AnsCoder(seed_words(0))
-    net = _Network(model, chain, params.batch, params.conditioning)
+    net = _Network(model, chain, params.conditioning)
     budget = 0  # bits on the stack when the current stage started; the split rule below reads it as it changes
     plan = tiling.WarmupPlan(tiles, params.warmup, lambda u: _headroom(per_dim * C * u.h * u.w) > budget)
     stages, topups, held = [], [], None
@@ -240,7 +243,7 @@ def decompress_images(data: bytes, model, progress: bool = False, threads: int |
     model.eval()
     chain = _chain(model, params)
     key = coding_key(c.fingerprint, params, c.images)
-    net = _Network(model, chain, params.batch, params.conditioning)
+    net = _Network(model, chain, params.conditioning)
     out = [np.zeros(s, dtype=np.uint8) for s in shapes]
     coder = constriction.stream.stack.AnsCoder(c.payload)
     ends = np.cumsum(c.stages)

@@ -285,7 +285,7 @@ class QuantAttnBlock:
         factor = factor.to(torch.float32)  # one correctly rounded conversion per unit
         q32, k32 = q.to(torch.float32), k.to(torch.float32)
         out = torch.empty(B, N, C, dtype=torch.float64, device=x.device)
-        for b0, b1, lo, hi in _chunks(B, N, 1 << 24):  # at most 2^24 scores at a time
+        for b0, b1, lo, hi in _chunks(B, N, 1 << 16):  # 2^16 scores at a time (cache-sized)
             s = torch.matmul(q32[b0:b1, lo:hi], k32[b0:b1].transpose(1, 2))  # exact integers
             d = torch.sub(s.amax(2, keepdim=True), s)
             u = torch.round(torch.mul(d, factor[b0:b1].view(-1, 1, 1))).clamp_(max=SOFTMAX_RANGE)
