@@ -103,6 +103,21 @@ def test_the_worst_case_float32_convolution_is_exact(coding):
     assert float(got) == float(want) == float((w[0].abs() * layer.a_max).sum())
 
 
+@pytest.mark.parametrize("every", [20, 5000])  # dense spikes (a second convolution) / sparse (scattered)
+def test_a_convolution_with_inputs_beyond_its_clamp_is_still_exact(coding, every):
+    """Inputs beyond ±a_max (up to 3·a_max, so both the second convolution and the scatter take part) give
+    the exact integer convolution: equal to the float64 one, exact at these magnitudes (< 2^53)."""
+    layer = coding.up[0].conv1
+    g = torch.Generator().manual_seed(every)
+    a = torch.randint(-layer.a_max, layer.a_max + 1, (2, layer.weight.shape[1], 16, 16), generator=g).float()
+    spikes = torch.randint(0, every, a.shape, generator=g) == 0
+    a[spikes] = torch.randint(-3 * layer.a_max, 3 * layer.a_max + 1, (int(spikes.sum()),), generator=g).float()
+    for b, c, y, x in ((0, 0, 0, 0), (0, 1, 0, 7), (1, 2, 15, 15), (1, 3, 9, 0), (0, 4, 4, 15)):
+        a[b, c, y, x] = 3.0 * layer.a_max  # spikes on the border and in the corners: taps that fall outside
+    want = F.conv2d(a.double(), layer.weight.double(), padding=1)
+    assert torch.equal(layer.acc(a), want)
+
+
 def test_the_coding_network_follows_the_float_model(packaged, coding):
     """On held-out photo tiles at early, middle and late chain steps, ε̂ of the coding network stays within
     0.02 RMS of the float64 model's (measured 0.004–0.010); a wrong layer or scale gives ≥ 0.1."""

@@ -55,6 +55,7 @@ SOFTMAX_STEP_LOG2 = -8  # d = max − score on a grid of 2^−8 …
 SOFTMAX_RANGE = 24 * 256  # … up to 24 (e^−24 ≈ 4e−11, treated as 24)
 SOFTMAX_BITS = 15  # softmax weights round(2^15·e^−d)
 V_BITS = 16  # attention values: |v| ≤ 2^16 (per-unit power-of-two scale); 2^15·2^16·(pixels ≤ 2^16) < 2^53
+SPIKES_PER_CONV = 1000  # above one spike per this many inputs, a dense convolution takes the bulk of them
 GN_GROUPS = 32
 GN_EPS = 1e-6
 SWISH_MIN = -0.2784645427610738  # min over x of x·sigmoid(x)
@@ -111,7 +112,8 @@ class QuantLinear:
         dtype = torch.float32 if exact <= EXACT32 else torch.float64
         self.weight = torch.from_numpy(w_int.reshape(w.shape[0], w.shape[1], self.kernel, self.kernel)
                                        if self.kernel == 3 else w_int).to(device=device, dtype=dtype)
-        self.weight64 = self.weight.to(torch.float64)
+        if self.kernel == 3:  # row c·9 + tap: the weights from input channel c through tap (dy, dx), per output
+            self.tap_rows = self.weight.to(torch.float64).permute(1, 2, 3, 0).reshape(-1, w.shape[0]).contiguous()
         self.scale = torch.from_numpy(scale).to(device)
         self.bias = torch.from_numpy(_np(bias) if bias is not None else np.zeros(len(scale))).to(device)
         self.a_max = a_max
@@ -125,7 +127,16 @@ class QuantLinear:
         if self.kernel == 3:
             low = x.clamp(-self.a_max, self.a_max)
             out = F.conv2d(low, self.weight, padding=1).to(torch.float64)
-            self._spikes(out, torch.sub(x, low))
+            excess = torch.sub(x, low)
+            spikes = int(torch.count_nonzero(excess))
+            if not spikes:
+                return out
+            if spikes * SPIKES_PER_CONV > excess.numel():
+                # many spikes: their clamped part through a second exact convolution is cheaper than scattering
+                part = excess.clamp(-self.a_max, self.a_max)
+                out += F.conv2d(part, self.weight, padding=1).to(torch.float64)
+                excess = torch.sub(excess, part)
+            self._spikes(out, excess)
             return out
         x = x.clamp(-self.a_max, self.a_max)
         if a.dim() == 4:
@@ -137,20 +148,24 @@ class QuantLinear:
 
     def _spikes(self, out: torch.Tensor, excess: torch.Tensor) -> None:
         """out += conv3×3(excess) for a sparse `excess`, in float64: every product and sum is an integer
-        below 2^53, so the scatter's order does not matter."""
-        b, c, y, x = excess.nonzero(as_tuple=True)
-        if not len(b):
+        below 2^53, so the order of the scattered additions does not matter."""
+        B, I, H, W = excess.shape
+        flat = excess.reshape(-1)
+        idx = flat.nonzero().squeeze(1)
+        if not len(idx):
             return
-        vals = excess[b, c, y, x].to(torch.float64)
-        H, W = out.shape[2], out.shape[3]
-        dy = torch.arange(3, device=out.device).repeat_interleave(3)
-        dx = torch.arange(3, device=out.device).repeat(3)
-        oy, ox = y[:, None] - dy + 1, x[:, None] - dx + 1  # (K, 9): where input (y, x) lands through tap (dy, dx)
-        ok = (oy >= 0) & (oy < H) & (ox >= 0) & (ox < W)
-        k, tap = ok.nonzero(as_tuple=True)
-        w = self.weight64[:, c[k], dy[tap], dx[tap]].t()  # (K', O)
-        view = out.permute(0, 2, 3, 1)  # (B, H, W, O), shares out's storage
-        view.index_put_((b[k], oy[k, tap], ox[k, tap]), torch.mul(vals[k, None], w), accumulate=True)
+        vals = flat.index_select(0, idx).to(torch.float64)
+        x, y = idx % W, torch.div(idx, W, rounding_mode="floor") % H
+        c, b = torch.div(idx, H * W, rounding_mode="floor") % I, torch.div(idx, I * H * W, rounding_mode="floor")
+        taps = torch.arange(9, device=out.device)
+        oy = y[:, None] - torch.div(taps, 3, rounding_mode="floor") + 1  # (K, 9): where input (y, x) lands
+        ox = x[:, None] - taps % 3 + 1  # through tap (dy, dx) = divmod(tap, 3)
+        k, tap = ((oy >= 0) & (oy < H) & (ox >= 0) & (ox < W)).nonzero(as_tuple=True)
+        rows = self.tap_rows.index_select(0, c[k] * 9 + tap)  # (K', O): the weights of input channel c, tap
+        O = out.shape[1]
+        first = b[k] * (O * H * W) + oy[k, tap] * W + ox[k, tap]  # out's flat index at output channel 0
+        where = first[:, None] + torch.arange(O, device=out.device) * (H * W)
+        out.view(-1).index_add_(0, where.view(-1), torch.mul(rows, vals[k, None]).view(-1))
 
     def __call__(self, a: torch.Tensor, extra_bias: torch.Tensor | None = None, res: bool = True) -> torch.Tensor:
         """Outputs, float64: acc·s_o + b (+ extra_bias, per output channel), times 2^RES_BITS if `res` (exact:
