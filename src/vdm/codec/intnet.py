@@ -125,12 +125,13 @@ class QuantLinear:
         the excess (rare spikes) is added in float64 by scattering its products (`_spikes`)."""
         x = a.to(self.weight.dtype)
         if self.kernel == 3:
+            lo, hi = torch.aminmax(x)
+            if -self.a_max <= float(lo) and float(hi) <= self.a_max:
+                return F.conv2d(x, self.weight, padding=1).to(torch.float64)
             low = x.clamp(-self.a_max, self.a_max)
             out = F.conv2d(low, self.weight, padding=1).to(torch.float64)
-            excess = torch.sub(x, low)
+            excess = low.neg_().add_(x)  # x − clamp(x), exact
             spikes = int(torch.count_nonzero(excess))
-            if not spikes:
-                return out
             if spikes * SPIKES_PER_CONV > excess.numel():
                 # many spikes: their clamped part through a second exact convolution is cheaper than scattering
                 part = excess.clamp(-self.a_max, self.a_max)
@@ -170,16 +171,21 @@ class QuantLinear:
     def __call__(self, a: torch.Tensor, extra_bias: torch.Tensor | None = None, res: bool = True) -> torch.Tensor:
         """Outputs, float64: acc·s_o + b (+ extra_bias, per output channel), times 2^RES_BITS if `res` (exact:
         the power of two is folded into s_o and b)."""
-        y = self.acc(a)
+        y = self.acc(a)  # a new tensor: scaled in place (a product, then a sum: never fused)
         shape = (1, -1, 1, 1) if y.dim() == 4 else (1, 1, -1)
         bias = self.bias if extra_bias is None else torch.add(self.bias, extra_bias)
         k = float(2 ** RES_BITS) if res else 1.0
-        return torch.add(torch.mul(y, torch.mul(self.scale, k).view(shape)), torch.mul(bias, k).view(shape))
+        return y.mul_(torch.mul(self.scale, k).view(shape)).add_(torch.mul(bias, k).view(shape))
 
 
 def to_residual(y: torch.Tensor) -> torch.Tensor:
     """Values already scaled by 2^RES_BITS (float64) → the residual stream: rounded, clamped (float64)."""
     return torch.round(y).clamp_(-RES_MAX, RES_MAX)
+
+
+def _to_residual_(y: torch.Tensor) -> torch.Tensor:
+    """`to_residual` in place, for a tensor no one else holds."""
+    return y.round_().clamp_(-RES_MAX, RES_MAX)
 
 
 def act_range(gamma: np.ndarray, beta: np.ndarray, swish: bool) -> np.ndarray:
@@ -211,7 +217,8 @@ class QuantNormAct:
         table = np.rint(np.divide(v, self.steps[:, None]))  # beyond ±a_max: spikes (QuantLinear.acc)
         self.width = 2 * NORM_RANGE + 1
         self.table = torch.from_numpy(table.reshape(-1)).to(device=device, dtype=torch.float32)
-        self.offsets = (torch.arange(len(gamma), device=device) * self.width + NORM_RANGE).view(1, -1, 1, 1)
+        self.offsets = (torch.arange(len(gamma), device=device, dtype=torch.float64) * self.width + NORM_RANGE
+                        ).view(1, -1, 1, 1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: residual stream (B, C, H, W) → integer activations (float32 tensor holding integers)."""
@@ -223,12 +230,13 @@ class QuantNormAct:
         s = _np(xs.sum(2))  # exact: integers, |partial sums| < 2^17·2^17
         m = np.floor(np.divide(np.add(np.multiply(s, 2.0), n), 2.0 * n))  # the mean, rounded (deterministically)
         d = torch.sub(xs, torch.from_numpy(m).to(x.device)[:, :, None])
-        ss = _np(torch.mul(d, d).sum(2))  # exact: |d| < 2^18, n ≤ 2^17, so the sums stay below 2^53
-        var = np.multiply(np.divide(ss, float(n)), 2.0 ** (-2 * RES_BITS))
+        ss = _np(torch.matmul(d[:, :, None, :], d[:, :, :, None]))  # exact: |d| < 2^18, n ≤ 2^17: sums < 2^53
+        var = np.multiply(np.divide(ss.reshape(B, -1), float(n)), 2.0 ** (-2 * RES_BITS))
         r = np.divide(1.0, np.sqrt(np.add(var, GN_EPS)))
         f = torch.from_numpy(np.multiply(r, 2.0 ** (-RES_BITS - NORM_STEP_LOG2))).to(x.device)
-        u = torch.round(torch.mul(d, f[:, :, None])).clamp_(-NORM_RANGE, NORM_RANGE).to(torch.int64)
-        return self.table.index_select(0, torch.add(u.view(B, C, H, W), self.offsets).view(-1)).view(B, C, H, W)
+        u = d.mul_(f[:, :, None]).round_().clamp_(-NORM_RANGE, NORM_RANGE).view(B, C, H, W)
+        index = u.add_(self.offsets).to(torch.int64)  # the table row of each value: exact integers
+        return self.table.index_select(0, index.view(-1)).view(B, C, H, W)
 
 
 def _pow2_quantise(y: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,10 +262,10 @@ class QuantResBlock:
             self.nin = QuantLinear(blk.nin_shortcut.weight, blk.nin_shortcut.bias, steps, RES_MAX, EXACT64, device)
 
     def __call__(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        h = to_residual(self.conv1(self.norm1(x), cond))
-        h2 = to_residual(self.conv2(self.norm2(h)))
-        shortcut = to_residual(self.nin(x)) if self.nin is not None else x
-        return torch.add(shortcut, h2).clamp_(-RES_MAX, RES_MAX)
+        h = _to_residual_(self.conv1(self.norm1(x), cond))
+        h2 = _to_residual_(self.conv2(self.norm2(h)))
+        shortcut = _to_residual_(self.nin(x)) if self.nin is not None else x
+        return h2.add_(shortcut).clamp_(-RES_MAX, RES_MAX)
 
 
 def _chunks(B: int, N: int, most: int):
@@ -302,11 +310,11 @@ class QuantAttnBlock:
         out = torch.empty(B, N, C, dtype=torch.float64, device=x.device)
         for b0, b1, lo, hi in _chunks(B, N, 1 << 16):  # 2^16 scores at a time (cache-sized)
             s = torch.matmul(q32[b0:b1, lo:hi], k32[b0:b1].transpose(1, 2))  # exact integers
-            d = torch.sub(s.amax(2, keepdim=True), s)
-            u = torch.round(torch.mul(d, factor[b0:b1].view(-1, 1, 1))).clamp_(max=SOFTMAX_RANGE)
+            d = s.sub_(s.amax(2, keepdim=True)).neg_()  # max − score, in place
+            u = d.mul_(factor[b0:b1].view(-1, 1, 1)).round_().clamp_(max=SOFTMAX_RANGE)
             e = self.exp_table.index_select(0, u.to(torch.int64).view(-1)).view(u.shape)
             num = torch.matmul(e, v[b0:b1])  # exact: 2^15·2^16·pixels < 2^53
-            out[b0:b1, lo:hi] = torch.mul(torch.div(num, e.sum(2, keepdim=True)), vs[b0:b1].view(-1, 1, 1))
+            out[b0:b1, lo:hi] = num.div_(e.sum(2, keepdim=True)).mul_(vs[b0:b1].view(-1, 1, 1))
         o, os_ = _pow2_quantise(out, ACT_BITS)
         y = self.proj.acc(o)  # (B, N, C) exact sums of the integer o
         scale = torch.mul(self.proj.scale, float(2 ** RES_BITS)).view(1, 1, -1)
