@@ -1,0 +1,107 @@
+"""Where the coding network's time goes, against the float network, per evaluation.
+
+Times one evaluation of ε̂ for `--units` units of the packaged model's training size (32×32) with the float
+network (`VDM.eps_hat`, float32) and with the exact coding network (`vdm.codec.intnet.CodingNetwork`, what
+`vdm compress` and `vdm decompress` run), median of `--repeats` runs at five noise levels, and splits the coding
+network's time by part (exclusive times: a part's own work, not the parts it calls).
+
+    OMP_NUM_THREADS=1 python bench/coding_network.py --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from vdm.codec import intnet
+from vdm.pretrained import load_default_model
+
+PARTS = {  # (class, method) → label
+    (intnet.QuantLinear, "acc"): "convolutions and dense layers (exact integer sums)",
+    (intnet.QuantLinear, "_spikes"): "inputs beyond the clamp (scattered)",
+    (intnet.QuantLinear, "__call__"): "output scale and bias",
+    (intnet.QuantNormAct, "__call__"): "GroupNorm + swish lookup",
+    (intnet.QuantAttnBlock, "__call__"): "attention: scores, softmax table, weighted sums",
+    (intnet.QuantResBlock, "__call__"): "residual blocks: rounding, clamping, adds",
+    (intnet.CodingNetwork, "first_layer"): "first layer: z and Fourier features",
+    (intnet.CodingNetwork, "eps"): "the rest (skips, concatenation, output)",
+}
+
+
+def instrument() -> dict[str, float]:
+    spent: dict[str, float] = defaultdict(float)
+    stack: list[list[float]] = []
+
+    def wrap(fn, label):
+        def timed(*a, **k):
+            stack.append([time.perf_counter(), 0.0])  # start, time spent in nested parts
+            try:
+                return fn(*a, **k)
+            finally:
+                start, inner = stack.pop()
+                total = time.perf_counter() - start
+                spent[label] += total - inner
+                if stack:
+                    stack[-1][1] += total
+        return timed
+
+    for (cls, name), label in PARTS.items():
+        setattr(cls, name, wrap(getattr(cls, name), label))
+    return spent
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--units", type=int, default=8, help="units per evaluation (vdm compress uses 8)")
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    model = load_default_model().eval()
+    net = intnet.CodingNetwork(model)
+    rng = np.random.default_rng(0)
+    gammas = [-12.0, -8.0, -4.0, 0.0, 4.0]
+    z = rng.standard_normal((args.units, model.config.channels, 32, 32))
+    zt = torch.from_numpy(z).float()
+
+    def float_call():
+        with torch.no_grad():
+            for g in gammas:
+                model.eps_hat(zt, torch.tensor(g))
+
+    def coding_call():
+        with intnet.exact_arithmetic(args.threads), torch.no_grad():
+            for g in gammas:
+                net.eps(z, g)
+
+    def median_seconds(fn) -> float:
+        fn()
+        runs = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            fn()
+            runs.append((time.perf_counter() - start) / len(gammas))
+        return statistics.median(runs)
+
+    f, c = median_seconds(float_call), median_seconds(coding_call)
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if platform.system() == "Linux" else platform.processor()
+    print(f"{cpu}, torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), {args.threads} "
+          f"thread(s); {args.units} units of 32×32, per evaluation (median of {args.repeats})")
+    print(f"float network:  {f * 1e3:.1f} ms\ncoding network: {c * 1e3:.1f} ms ({c / f:.2f}× the float network)\n")
+    spent = instrument()
+    coding_call()
+    total = sum(spent.values())
+    print("| part of the coding network | ms per evaluation | share |\n|---|---|---|")
+    for label, s in sorted(spent.items(), key=lambda kv: -kv[1]):
+        print(f"| {label} | {s / len(gammas) * 1e3:.1f} | {s / total:.0%} |")
+
+
+if __name__ == "__main__":
+    main()
