@@ -122,7 +122,9 @@ class QuantLinear:
         """The exact integer sums (float64 tensor): a is (B, I, H, W) for kernels, (B, N, I) for dense.
 
         A 3×3 kernel accepts inputs beyond ±a_max: the clamped part goes through the float32 convolution,
-        the excess (rare spikes) is added in float64 by scattering its products (`_spikes`)."""
+        the excess (rare spikes) is added in float64 by scattering its products (`_spikes`); when spikes are
+        many, their clamped part goes through a second exact convolution first. Every path gives the exact
+        integer sums, so which one runs does not change the result."""
         x = a.to(self.weight.dtype)
         if self.kernel == 3:
             lo, hi = torch.aminmax(x)
