@@ -11,7 +11,6 @@ network's time by part (exclusive times: a part's own work, not the parts it cal
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from collections import defaultdict
@@ -19,6 +18,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
+from samplers import cpu_name  # bench/samplers.py, beside this script
 from vdm.codec import intnet
 from vdm.pretrained import load_default_model
 
@@ -90,9 +90,7 @@ def main() -> None:
         return statistics.median(runs)
 
     f, c = median_seconds(float_call), median_seconds(coding_call)
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor()) if platform.system() == "Linux" else platform.processor()
-    print(f"{cpu}, torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), {args.threads} "
+    print(f"{cpu_name()}, torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), {args.threads} "
           f"thread(s); {args.units} units of 32×32, per evaluation (median of {args.repeats})")
     print(f"float network:  {f * 1e3:.1f} ms\ncoding network: {c * 1e3:.1f} ms ({c / f:.2f}× the float network)\n")
     spent = instrument()

@@ -51,14 +51,9 @@ def main() -> None:
                      rtol=1e-6, atol=1e-6)
         alphas = [float(process.alpha_sigma(g)[0]) for g in gammas]
         print("10 steps, λ after each step:", " ".join(f"{float(process.log_snr(g)):.2f}" for g in gammas[1:]))
-        for name, order in (("ddim", 1), ("dpmpp-2m", 2)):
-            z, x_hats, lams, errs = z_1, [], [], []
-            for i in range(10):
-                g_t, g_s = gammas[i], gammas[i + 1]
-                x_hats = (x_hats + [process.data_prediction(z, model.eps_hat(z, g_t), g_t)])[-order:]
-                lams = (lams + [process.log_snr(g_t)])[-order:]
-                z = S._dpmpp_update(z, x_hats, lams, g_t, g_s)
-                errs.append(rms(z, ref[i + 1], alphas[i + 1]))
+        for name in ("ddim", "dpmpp-2m"):
+            # the first i steps of a run are the run on the first i + 1 times (the samplers look only back)
+            errs = [rms(S.SAMPLERS[name](model, z_1, times[:i + 1]), ref[i], alphas[i]) for i in range(1, 11)]
             print(f"{name}: error after each step", " ".join(f"{e:.2f}" for e in errs), flush=True)
 
 

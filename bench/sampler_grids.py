@@ -35,17 +35,8 @@ FAMILIES = ("lambda", "t", "karras", "geom", "trunc")
 
 
 def times_from_lambdas(model, lams) -> list[float]:
-    """t(λ) by bisection on the increasing γ (ends forced to exactly 1 and 0)."""
-    target = (-2 * torch.as_tensor(np.asarray(lams), dtype=torch.float64)).to(model.dtype)
-    lo, hi = torch.zeros_like(target), torch.ones_like(target)
-    with torch.no_grad():
-        for _ in range(40):
-            mid = 0.5 * (lo + hi)
-            above = model.gamma(mid) > target
-            hi, lo = torch.where(above, mid, hi), torch.where(above, lo, mid)
-    times = [float(t) for t in 0.5 * (lo + hi)]
-    times[0], times[-1] = 1.0, 0.0
-    return times
+    """t(λ) for an increasing λ grid from λ(1) to λ(0) (γ = −2λ)."""
+    return S.times_at_gammas(model, -2 * torch.as_tensor(np.asarray(lams), dtype=torch.float64))
 
 
 def grid(model, name: str, steps: int) -> list[float]:

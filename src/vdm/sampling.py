@@ -84,23 +84,30 @@ def uniform_times(steps: int) -> list[float]:
 def lambda_times(model: VDM, steps: int) -> list[float]:
     """Times 1 = t_0 > … > t_K = 0 with λ(t_i) = −γ(t_i)/2 uniform between λ(1) and λ(0).
 
-    γ is strictly increasing for every schedule, so t(λ) is found by bisection (40 halvings, below float32
-    resolution); the ends are exactly 1 and 0.
+    γ is strictly increasing for every schedule, so t(λ) is found by bisection (`times_at_gammas`); the ends
+    are exactly 1 and 0.
     """
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     kw = dict(dtype=model.dtype, device=model.device)
     g0, g1 = model.gamma(torch.tensor(0.0, **kw)), model.gamma(torch.tensor(1.0, **kw))
-    target = g1 + (g0 - g1) * torch.arange(steps + 1, **kw) / steps  # γ at the grid, from γ(1) to γ(0)
+    times = times_at_gammas(model, g1 + (g0 - g1) * torch.arange(steps + 1, **kw) / steps)
+    if any(s >= t for t, s in zip(times, times[1:])):
+        raise ValueError(f"{steps} steps are too many to space evenly in λ for this schedule")
+    return times
+
+
+@torch.no_grad()
+def times_at_gammas(model: VDM, target: Tensor) -> list[float]:
+    """The times t_i with γ(t_i) = target_i, for a decreasing `target` from γ(1) to γ(0): bisection on the
+    strictly increasing γ (40 halvings, below float32 resolution); the ends are exactly 1 and 0."""
+    target = target.to(dtype=model.dtype, device=model.device)
     lo, hi = torch.zeros_like(target), torch.ones_like(target)
     for _ in range(40):
         mid = 0.5 * (lo + hi)
         above = model.gamma(mid) > target
         hi, lo = torch.where(above, mid, hi), torch.where(above, lo, mid)
-    times = [1.0] + [float(t) for t in 0.5 * (lo + hi)[1:-1]] + [0.0]
-    if any(s >= t for t, s in zip(times, times[1:])):
-        raise ValueError(f"{steps} steps are too many to space evenly in λ for this schedule")
-    return times
+    return [1.0] + [float(t) for t in 0.5 * (lo + hi)[1:-1]] + [0.0]
 
 
 def time_grid(model: VDM, steps: int, grid: str = "t") -> list[float]:

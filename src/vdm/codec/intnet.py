@@ -181,12 +181,8 @@ class QuantLinear:
 
 
 def to_residual(y: torch.Tensor) -> torch.Tensor:
-    """Values already scaled by 2^RES_BITS (float64) → the residual stream: rounded, clamped (float64)."""
-    return torch.round(y).clamp_(-RES_MAX, RES_MAX)
-
-
-def _to_residual_(y: torch.Tensor) -> torch.Tensor:
-    """`to_residual` in place, for a tensor no one else holds."""
+    """Values already scaled by 2^RES_BITS (float64) → the residual stream: rounded, clamped (float64). In
+    place: `y` must be a tensor no one else holds (every caller passes a layer's fresh output)."""
     return y.round_().clamp_(-RES_MAX, RES_MAX)
 
 
@@ -264,9 +260,9 @@ class QuantResBlock:
             self.nin = QuantLinear(blk.nin_shortcut.weight, blk.nin_shortcut.bias, steps, RES_MAX, EXACT64, device)
 
     def __call__(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        h = _to_residual_(self.conv1(self.norm1(x), cond))
-        h2 = _to_residual_(self.conv2(self.norm2(h)))
-        shortcut = _to_residual_(self.nin(x)) if self.nin is not None else x
+        h = to_residual(self.conv1(self.norm1(x), cond))
+        h2 = to_residual(self.conv2(self.norm2(h)))
+        shortcut = to_residual(self.nin(x)) if self.nin is not None else x
         return h2.add_(shortcut).clamp_(-RES_MAX, RES_MAX)
 
 
