@@ -30,6 +30,7 @@ from vdm.data import (
     load_image_folder,
     load_imagenet,
     load_mnist,
+    photo_scales,
     photo_tiles,
     read_idx,
     restricted_loads,
@@ -504,6 +505,15 @@ def test_wallpapers_recipe_on_stand_in_packages(tmp_path, monkeypatch):
         np.testing.assert_array_equal(test[0], first)
         assert not set(wp.TRAIN_WALLPAPERS) & set(wp.TEST_WALLPAPERS)
         assert len(wp.TRAIN_WALLPAPERS) + len(wp.TEST_WALLPAPERS) == len(wp.WALLPAPERS)
+        # the same scales whole, for random crops; photos+wallpapers = the embedded photos, then these
+        scales = photo_scales("wallpapers", "test")
+        assert list(scales) == list(wp.TEST_WALLPAPERS)
+        np.testing.assert_array_equal(scales[wp.TEST_WALLPAPERS[0]][0], downscale(images[wp.TEST_WALLPAPERS[0]], 2))
+        both = photo_scales("photos+wallpapers", "test")
+        assert list(both) == list(TEST_PHOTOS) + list(wp.TEST_WALLPAPERS)
+        np.testing.assert_array_equal(both["coffee"][1], downscale(embedded_photos("test")["coffee"], 2))
+        np.testing.assert_array_equal(load_dataset("photos+wallpapers", "test"),
+                                      np.concatenate([photo_tiles("test"), test]))
     finally:
         wp._photo.cache_clear()
 

@@ -46,16 +46,27 @@ class OptimConfig:
 class DataConfig:
     """Which images to train on (see `vdm.data.load_dataset`)."""
 
-    name: str = "photos"  # dataset name: photos, fashion_mnist, mnist, cifar10, imagenet32, imagenet64, folder
+    name: str = "photos"  # dataset name: photos, wallpapers, photos+wallpapers, fashion_mnist, mnist, cifar10,
+    # imagenet32, imagenet64, folder
     root: str | None = None  # dataset files (None: the dataset's default; photos are embedded)
     test_split: str = "test"  # split used for the periodic test bpd
     test_images: int = 256  # size of the fixed test subset evaluated with the EMA weights (0 = no test)
     augment: str = "none"  # none, flip_rot90 or flip_rot90_channels: augmentation with conditioning (official
     # cifar10_aug pipelines; the network is told which images were augmented, see vdm.train.augment)
+    crop_sizes: list[int] = field(default_factory=list)  # train on random crops of these sizes (with left-right
+    # flips) from the whole photographs of photos / wallpapers / photos+wallpapers instead of fixed tiles
+    # (vdm.train.crops); [] = the dataset's tiles of model.image_size
 
     def __post_init__(self):
+        from vdm.data import PHOTO_DATASETS
         from vdm.train.augment import check_augmentation
         check_augmentation(self.augment)
+        if self.crop_sizes and self.name not in PHOTO_DATASETS:
+            raise ValueError(f"crop_sizes needs a dataset of whole photographs ({', '.join(PHOTO_DATASETS)}), "
+                             f"not {self.name!r}")
+        bad = [s for s in self.crop_sizes if not 8 <= s <= 256]
+        if bad:
+            raise ValueError(f"crop sizes must lie in [8, 256], got {bad}")
 
 
 @dataclass
@@ -77,6 +88,7 @@ class RunConfig:
     precision: str = "auto"  # "auto" (bf16 autocast where the hardware has native bf16, else fp32), "bf16", "fp32"
     conv_algorithm: str = "auto"  # 3×3 convs in training: auto (Winograd on AVX2 CPUs w/o AVX-512), winograd, direct
     compile: bool = False  # torch.compile the score network
+    init_from: str | None = None  # start from this model file's weights (same architecture) instead of random ones
     progress: bool = True  # tqdm progress bar
     tensorboard: bool = True  # also write TensorBoard logs when torch.utils.tensorboard imports
 

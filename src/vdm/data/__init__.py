@@ -25,6 +25,7 @@ from vdm.data.photos import (
     photo_tiles,
     tile_image,
 )
+from vdm.data.scenes import PHOTO_DATASETS, photo_scales
 from vdm.data.wallpapers import TEST_WALLPAPERS, TRAIN_WALLPAPERS, wallpaper_photos, wallpaper_tiles
 
 __all__ = [
@@ -40,6 +41,8 @@ __all__ = [
     "downscale",
     "tile_image",
     "wallpaper_photos",
+    "photo_scales",
+    "PHOTO_DATASETS",
     "wallpaper_tiles",
     "TRAIN_WALLPAPERS",
     "TEST_WALLPAPERS",
@@ -56,7 +59,7 @@ __all__ = [
 ]
 
 #: Names accepted by :func:`load_dataset`.
-DATASET_NAMES = ("photos", "wallpapers", "fashion_mnist", "mnist", "cifar10", "imagenet32", "imagenet64", "folder")
+DATASET_NAMES = ("photos", "wallpapers", "photos+wallpapers", "fashion_mnist", "mnist", "cifar10", "imagenet32", "imagenet64", "folder")
 
 # Datasets whose image size is fixed by the files.
 _NATIVE_SIZE = {"fashion_mnist": 28, "mnist": 28, "cifar10": 32, "imagenet32": 32, "imagenet64": 64}
@@ -77,6 +80,7 @@ def load_dataset(
         tile size (default 32); splits 'train', 'test', 'all'.
       * ``"wallpapers"``: tiles of the photographs of Debian's wallpaper packages
         (:mod:`vdm.data.wallpapers`; no ``root``); like ``"photos"``.
+      * ``"photos+wallpapers"``: both, the photos' tiles first.
       * ``"fashion_mnist"``: IDX files in ``root`` (default the Debian package's
         ``/usr/share/datasets/fashion-mnist``); ``N x 1 x 28 x 28``.
       * ``"mnist"``: IDX files in ``root`` (required); ``N x 1 x 28 x 28``.
@@ -107,6 +111,10 @@ def load_dataset(
         if root is not None:
             raise ValueError("the 'wallpapers' dataset reads Debian's installed wallpaper packages and takes no root")
         x = wallpaper_tiles(split, tile_size=size)
+    elif name == "photos+wallpapers":
+        if root is not None:
+            raise ValueError("the 'photos+wallpapers' dataset takes no root")
+        x = np.concatenate([photo_tiles(split, tile_size=size), wallpaper_tiles(split, tile_size=size)])
     elif name == "fashion_mnist":
         x = load_fashion_mnist(split, FASHION_MNIST_ROOT if root is None else root)
     elif name == "mnist":

@@ -19,7 +19,7 @@ from torch import Tensor
 from vdm import losses
 
 # Stream tags, so the seeds of different uses never collide.
-_DATA, _NOISE, _DROPOUT, _INIT, _AUGMENT = 1, 2, 3, 4, 5
+_DATA, _NOISE, _DROPOUT, _INIT, _AUGMENT, _CROP = 1, 2, 3, 4, 5, 6
 
 
 def derive_seed(*words: int) -> int:

@@ -15,15 +15,18 @@ examples:
   vdm train --preset quick --out runs/quick --max-minutes 5
   vdm train --preset compress --out runs/compress --set run.precision=fp32 --set optim.lr=5e-4
   vdm train --out runs/compress --resume                # continue with the run's own config.json
+  vdm train --preset compress --out runs/c2 --set data.name=photos+wallpapers --set 'data.crop_sizes=[16,32,48]' \\
+      --set run.init_from=runs/compress                  # fine-tune a model on random crops of more photos
   torchrun --nproc_per_node=4 -m vdm train --preset cifar10 --set data.root=~/data/cifar10 --out runs/c10
 
 overrides (--set SECTION.KEY=VALUE, repeatable) are type-checked against the config's fields:
   model.*  (VDMConfig: n_embd, n_layer, dropout, gamma_type, timesteps, variance_minimisation, ...)
   optim.*  (lr, beta1, beta2, eps, weight_decay, warmup_steps, grad_clip)
-  data.*   (name, root, test_split, test_images)
+  data.*   (name, root, test_split, test_images, augment, crop_sizes: e.g. [16,32,48] trains on random
+            crops with left-right flips of the whole photographs of photos / wallpapers / photos+wallpapers)
   run.*    (seed, batch_size, max_steps, ema_decay, ema_warmup, log_every, eval_every, checkpoint_every,
             keep_last, max_nonfinite, device, precision (auto, bf16, fp32), conv_algorithm (auto,
-            winograd, direct), compile, progress, tensorboard)
+            winograd, direct), compile, progress, tensorboard, init_from: a model file to start from)
 Use --print-config to see every key with its resolved value.
 """
 

@@ -25,6 +25,7 @@ from vdm.nets.winograd import use_winograd
 from vdm.precision import autocast, resolve_conv_algorithm, resolve_precision
 from vdm.train import distributed, state
 from vdm.train.augment import augment
+from vdm.train.crops import CropSampler
 from vdm.train.batches import BatchOrder, augment_generator, dropout_seed, init_seed, step_noise
 from vdm.train.ema import EMA
 from vdm.train.log import MetricsLog, truncate_metrics
@@ -97,6 +98,7 @@ class Window:
     good: int = 0
     skipped: int = 0
     images: int = 0
+    pixels: int = 0
     start: float = field(default_factory=time.perf_counter)
 
 
@@ -131,7 +133,6 @@ class _Trainer:
         if run.batch_size % d.world_size:
             raise TrainingError(f"run.batch_size={run.batch_size} must be divisible by the number of "
                                 f"processes ({d.world_size})")
-        self.local_batch = run.batch_size // d.world_size
         self.precision = resolve_precision(run.precision, d.device, warn=d.is_main)
         self.conv_algorithm = resolve_conv_algorithm(run.conv_algorithm, d.device, self.precision.precision)
         if d.is_main and run.progress:
@@ -139,9 +140,16 @@ class _Trainer:
                   f"{self.conv_algorithm}", flush=True)
         ckpt = self._checkpoint_to_resume(resume)
         self.train_x, test_x = _load_data(config, d.device)
-        self.order = BatchOrder(len(self.train_x), run.batch_size, run.seed)
+        self.crops, self.order = None, None
+        if config.data.crop_sizes:
+            self.crops = CropSampler(self.train_x, config.data.crop_sizes, run.batch_size, config.model.image_size,
+                                     run.seed, d.world_size)
+        else:
+            self.order = BatchOrder(len(self.train_x), run.batch_size, run.seed)
         torch.manual_seed(init_seed(run.seed))
         self.model = VDM(config.model).to(d.device)
+        if run.init_from is not None and ckpt is None:
+            _load_initial_weights(self.model, run.init_from)
         self.ema = EMA(self.model, run.ema_decay, run.ema_warmup)
         self.optimizer = make_optimizer(self.model, config.optim)
         self.counters, self.step = Counters(), 0
@@ -241,22 +249,28 @@ class _Trainer:
         from tqdm.auto import tqdm
         return tqdm(total=total, initial=self.step, desc="training", unit="step", dynamic_ncols=True)
 
-    def _batch(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """This process's slice of global batch `self.step`: (x, t, ε₀, ε, conditioning) on the device.
-        With `data.augment`, x is augmented and the conditioning says which images were (else zeros)."""
-        run, d, B = self.config.run, self.d, self.local_batch
+    def _batch(self) -> tuple[int, tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]:
+        """(global batch size, this process's slice of global batch `self.step`: (x, t, ε₀, ε, conditioning) on
+        the device). With `data.augment`, x is augmented and the conditioning says which images were (else
+        zeros); with `data.crop_sizes`, x holds random crops (vdm.train.crops)."""
+        run, d = self.config.run, self.d
+        if self.crops is not None:
+            x = self.crops.batch(self.step).to(d.device, non_blocking=True)
+        else:
+            idx = self.order.indices(self.step)
+            x = self.train_x[idx.to(self.train_x.device)].to(d.device, non_blocking=True)
+        n = len(x)
+        B = n // d.world_size
         rows = slice(d.rank * B, (d.rank + 1) * B)
-        idx = self.order.indices(self.step)
-        x = self.train_x[idx.to(self.train_x.device)].to(d.device, non_blocking=True)
         x, conditioning = augment(x, self.config.data.augment, augment_generator(run.seed, self.step, d.device))
-        t, eps_0, eps = step_noise(run.seed, self.step, run.batch_size, tuple(x.shape[1:]),
-                                   self.config.model.antithetic, d.device)
-        return x[rows], t[rows], eps_0[rows], eps[rows], conditioning[rows]
+        t, eps_0, eps = step_noise(run.seed, self.step, n, tuple(x.shape[1:]), self.config.model.antithetic,
+                                   d.device)
+        return n, (x[rows], t[rows], eps_0[rows], eps[rows], conditioning[rows])
 
     def _one_step(self, window: Window) -> None:
         """Optimiser step `self.step`, or a skipped one when the loss or the gradient is not finite."""
         run, d = self.config.run, self.d
-        x, t, eps_0, eps, conditioning = self._batch()
+        n, (x, t, eps_0, eps, conditioning) = self._batch()
         torch.manual_seed(dropout_seed(run.seed, d.rank, self.step))
         with autocast(self.precision.precision, d.device), use_winograd(self.conv_algorithm == "winograd"):
             nats = self.forward(x, t, eps, eps_0, conditioning)  # (B, 3)
@@ -270,8 +284,9 @@ class _Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = self._clip_gradients()
-        window.images += run.batch_size
-        self.counters.images_seen += run.batch_size
+        window.images += n
+        window.pixels += n * x.shape[-2] * x.shape[-1]
+        self.counters.images_seen += n
         if math.isfinite(grad_norm):
             set_lr(self.optimizer, lr_at(self.config.optim, self.step))
             self.optimizer.step()
@@ -325,7 +340,8 @@ class _Trainer:
         rec = {"step": self.step, "bpd": prior + recon + diff if w.good else None, "prior": prior,
                "recon": recon, "diff": diff, "lr": lr_at(self.config.optim, self.step - 1),
                "grad_norm": w.grad_norm / n if w.good else None, "images_per_s": w.images / max(seconds, 1e-9),
-               "epoch": self.order.epoch(self.step), "nonfinite_total": self.counters.nonfinite_total,
+               "pixels_per_s": w.pixels / max(seconds, 1e-9),
+               "epoch": self.order.epoch(self.step) if self.order is not None else None, "nonfinite_total": self.counters.nonfinite_total,
                "skipped": w.skipped}
         self.log.write(rec)
         if bar is not None and w.good:
@@ -375,26 +391,49 @@ def _check_same_run(saved: dict, current: dict, ckpt: Path) -> None:
                             "without --preset/--config to use the run's own config.json.")
 
 
-def _load_data(config: TrainConfig, device: torch.device) -> tuple[Tensor, Tensor]:
-    """(training images, fixed test subset) as uint8 tensors; the training set on `device` when small."""
-    from vdm.data import DatasetError, load_dataset
+def _load_initial_weights(model: VDM, path: str) -> None:
+    """Copy the weights of the model file at `path` into `model`; TrainingError when it is not the same model."""
+    from vdm.checkpoint import CheckpointError, load_model
+
+    try:
+        source = load_model(path)
+    except (CheckpointError, OSError, ValueError) as e:
+        raise TrainingError(f"run.init_from: {e}") from None
+    have, want = source.config.to_dict(), model.config.to_dict()
+    if have != want:
+        diffs = [f"model.{k}: file {have.get(k)!r}, run {want.get(k)!r}" for k in sorted(set(have) | set(want))
+                 if have.get(k) != want.get(k)]
+        raise TrainingError(f"run.init_from: {path} holds a different model ({'; '.join(diffs)})")
+    with torch.no_grad():
+        model.load_state_dict(source.state_dict())
+
+
+def _load_data(config: TrainConfig, device: torch.device) -> tuple[Tensor | dict, Tensor]:
+    """(training images, fixed test subset) as uint8 tensors, the training set on `device` when small; with
+    data.crop_sizes the training images are the whole photographs instead ({name: [H×W×3 uint8 per scale]})."""
+    from vdm.data import DatasetError, load_dataset, photo_scales
 
     m, data = config.model, config.data
     kw = {"image_size": m.image_size, "channels": m.channels}
     try:
-        train_x = load_dataset(data.name, "train", root=data.root, **kw)
+        if data.crop_sizes:
+            train_x = photo_scales(data.name, "train")
+        else:
+            train_x = load_dataset(data.name, "train", root=data.root, **kw)
         test_x = (load_dataset(data.name, data.test_split, root=data.root, **kw) if data.test_images > 0
                   else np.zeros((0, m.channels, m.image_size, m.image_size), np.uint8))
     except (DatasetError, ValueError, OSError) as e:
         raise TrainingError(f"dataset {data.name!r}: {e}") from None
     for split, x in (("train", train_x), (data.test_split, test_x)):
-        if len(x) and x.shape[1] != m.channels:
+        if not isinstance(x, dict) and len(x) and x.shape[1] != m.channels:
             raise TrainingError(f"dataset {data.name!r} ({split}) has {x.shape[1]} channels; "
                                 f"model.channels is {m.channels}")
     if len(train_x) == 0:
         raise TrainingError(f"dataset {data.name!r} has no training images")
-    test_x = test_x[fixed_subset(len(test_x), data.test_images)]
+    test_x = torch.from_numpy(np.ascontiguousarray(test_x[fixed_subset(len(test_x), data.test_images)]))
+    if isinstance(train_x, dict):
+        return train_x, test_x
     train_t = torch.from_numpy(train_x)
     if device.type == "cuda" and train_x.nbytes < 2**31:
         train_t = train_t.to(device)
-    return train_t, torch.from_numpy(np.ascontiguousarray(test_x))
+    return train_t, test_x
