@@ -466,6 +466,35 @@ def test_missing_packaged_model_gives_a_clear_error(monkeypatch, tmp_path):
         pre.default_model_path()
 
 
+def test_decompress_finds_the_packaged_model_that_made_the_file(monkeypatch, tmp_path, capsys):
+    """With several packaged models, a file made with an older one still decodes without --model; a file made
+    with a model that is not packaged is refused, naming its fingerprint."""
+    import vdm.pretrained as pre
+    packaged = tmp_path / "pretrained"
+    packaged.mkdir()
+    save_model(tiny(1), packaged / "compress_v1.safetensors")
+    save_model(tiny(2), packaged / "compress.safetensors")
+    save_model(tiny(3), tmp_path / "elsewhere.safetensors")
+    monkeypatch.setattr(pre, "PRETRAINED_DIR", packaged)
+    assert [p.name for p in pre.packaged_models()] == ["compress.safetensors", "compress_v1.safetensors"]
+    img = np.random.default_rng(5).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    np.save(tmp_path / "img.npy", img)
+    for name, model_args in (("old", ["--model", str(packaged / "compress_v1.safetensors")]), ("new", [])):
+        out = tmp_path / f"{name}.vdmc"
+        assert vdm_main(["compress", str(tmp_path / "img.npy"), "-o", str(out), "--steps", "4", "-q",
+                         *model_args]) == 0
+        assert vdm_main(["decompress", str(out), "-o", str(tmp_path / name), "-q"]) == 0
+        np.testing.assert_array_equal(np.load(tmp_path / name / "img.npy"), img)
+    assert container.unpack((tmp_path / "old.vdmc").read_bytes()).fingerprint == model_fp(tiny(1))
+    foreign = tmp_path / "foreign.vdmc"
+    assert vdm_main(["compress", str(tmp_path / "img.npy"), "-o", str(foreign), "--steps", "4", "-q",
+                     "--model", str(tmp_path / "elsewhere.safetensors")]) == 0
+    capsys.readouterr()
+    assert vdm_main(["decompress", str(foreign), "-o", str(tmp_path / "f"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert model_fp(tiny(3)).hex() in err and "not packaged" in err and "Traceback" not in err
+
+
 def test_fuzzed_files_are_refused_or_decode_exactly(model):
     """A seeded slice of bench/fuzz_codec.py: mutated files (checksums mostly recomputed) are refused with a
     format or model error, or decode to exactly the original pixels; nothing else, and nothing slow."""

@@ -60,14 +60,19 @@ def register(subparsers) -> None:
 
 def _model_args(p) -> None:
     p.add_argument("--model", default=None, metavar="RUN_OR_CHECKPOINT",
-                   help="model file, checkpoint or run directory (default: the packaged pretrained model)")
+                   help="model file, checkpoint or run directory (default: the packaged pretrained model; "
+                        "decompress picks the packaged model that made the file)")
     p.add_argument("--device", default="cpu", help="torch device for the network (default cpu)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
-def _load(args):
+def _load(args, fingerprint: bytes | None = None):
+    """The model of --model; without it the packaged default, or, given a file's `fingerprint`, the packaged
+    model that made the file."""
     if args.model is None:
-        from vdm.pretrained import load_default_model
+        from vdm.pretrained import load_default_model, load_packaged_model
+        if fingerprint is not None:
+            return load_packaged_model(fingerprint, map_location=args.device)
         return load_default_model(map_location=args.device)
     from vdm.checkpoint import load_model
     return load_model(args.model, map_location=args.device)
@@ -122,7 +127,7 @@ def decompress_command(args) -> int:
             shapes = [(im.height, im.width) + (() if im.mode == 0 else (im.channels,)) for im in header.images]
             refuse_existing([(im.name, np.broadcast_to(np.uint8(0), shape))
                              for im, shape in zip(header.images, shapes)], args.output)
-        model = _load(args)
+        model = _load(args, header.fingerprint)
         if args.threads is not None and not 1 <= args.threads <= 256:
             raise ValueError(f"--threads must lie in 1..256, got {args.threads}")
         images = decompress_images(data, model, progress=not args.quiet, threads=args.threads)

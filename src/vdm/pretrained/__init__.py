@@ -1,4 +1,9 @@
-"""The small pretrained VDM shipped inside the package (used by `vdm compress` when --model is not given)."""
+"""The small pretrained VDMs shipped inside the package.
+
+`vdm compress` uses the newest (`DEFAULT_MODEL`) when --model is not given; `vdm decompress` finds, among all
+packaged models, the one whose fingerprint the file records, so files made with an earlier packaged model keep
+decoding after a newer one becomes the default.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,8 @@ DEFAULT_MODEL = "compress.safetensors"
 
 
 class PretrainedMissingError(CheckpointError):
-    """The packaged model file is not there (e.g. a source checkout before the model was trained)."""
+    """The packaged model file is not there (e.g. a source checkout before the model was trained), or no
+    packaged model has the fingerprint a file asks for."""
 
 
 def default_model_path(name: str = DEFAULT_MODEL) -> Path:
@@ -27,3 +33,23 @@ def default_model_path(name: str = DEFAULT_MODEL) -> Path:
 def load_default_model(map_location="cpu"):
     """The packaged compression model as a `VDM` (on `map_location`)."""
     return load_model(default_model_path(), map_location=map_location)
+
+
+def packaged_models() -> list[Path]:
+    """Every packaged model file, the default first."""
+    files = sorted(PRETRAINED_DIR.glob("*.safetensors"))
+    return sorted(files, key=lambda p: p.name != DEFAULT_MODEL)
+
+
+def load_packaged_model(fingerprint: bytes, map_location="cpu"):
+    """The packaged model whose fingerprint starts with `fingerprint` (a file's record of its model);
+    `PretrainedMissingError` naming the fingerprint when none has it."""
+    from vdm.codec.fingerprint import model_fingerprint
+
+    for path in packaged_models():
+        model = load_model(path, map_location=map_location)
+        if model_fingerprint(model).startswith(bytes(fingerprint)):
+            return model
+    raise PretrainedMissingError(
+        f"the file was made with a model (fingerprint {bytes(fingerprint).hex()}) that is not packaged with this "
+        f"version of vdm ({len(packaged_models())} packaged); pass the encoder's model with --model")
