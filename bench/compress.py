@@ -92,7 +92,8 @@ def load(args):
 def params_from(args):
     from vdm.codec import CodingParams
     return CodingParams(args.steps, args.grid_bits, args.tile, args.warmup, args.batch,
-                        args.threads or torch.get_num_threads())
+                        args.threads or torch.get_num_threads(),
+                        spacing={"auto": -1, "snr": 1, "t": 0}[args.spacing])
 
 
 def bench_photos(args) -> None:
@@ -133,6 +134,7 @@ def bench_photos(args) -> None:
 
 def bench_tiles(args) -> None:
     from vdm.codec import compress_images, decompress_images, read_header
+    from vdm.codec.chain import chain_gammas
     from vdm.evaluate import image_losses
     from vdm.data import load_dataset
     model, params = load(args), params_from(args)
@@ -150,9 +152,13 @@ def bench_tiles(args) -> None:
     t2 = time.perf_counter()
     c = read_header(data)
     D = x.size
-    # −ELBO_T per tile in bits/dim: T stratified draws per tile hit every step of the grid once
-    elbo = image_losses(model, x, steps=params.steps, time_samples=params.steps, seed=args.seed,
-                        batch_size=256).sum(1)
+    # −ELBO_T per tile in bits/dim: T stratified draws per tile hit every step of the chain once
+    g = chain_gammas(model, params.steps, params.spacing, params.spacing_a / 256, params.spacing_b / 256)
+    elbo = image_losses(model, x, time_samples=params.steps, seed=args.seed, batch_size=256, gammas=g).sum(1)
+    even = None
+    if params.spacing != 0:  # also the evenly spaced chain's (format 4), for comparison
+        even = image_losses(model, x, steps=params.steps, time_samples=params.steps, seed=args.seed,
+                            batch_size=256).sum(1)
     net = 8 * len(data) / D
     print(f"\n{len(x)} test tiles 32×32×3 ({D} sub-pixels), T = {params.steps}, grid σ/2^{params.grid_bits}, "
           f"warm-up pieces down to {params.warmup}×{params.warmup}, {len(c.stages)} stages; round trip exact: {exact}\n")
@@ -161,9 +167,14 @@ def bench_tiles(args) -> None:
     print(f"| net rate (whole file: header, initial bits, checksum) | {net:.4f} |")
     print(f"| of which initial and top-up bits (fresh random words) | {32 * (c.seed_words + sum(c.topups)) / D:.4f} |")
     print(f"| of which header + checksum | {8 * (len(data) - 4 * len(c.payload)) / D:.4f} |")
-    print(f"| negative ELBO, T = {params.steps} (± standard error) | {elbo.mean():.4f} ± "
-          f"{elbo.std(ddof=1) / math.sqrt(len(elbo)):.4f} |")
+    spacing = {0: "even in t", 1: "SNR-weighted"}[params.spacing]
+    print(f"| negative ELBO of the coded chain, T = {params.steps}, {spacing} (± standard error) | "
+          f"{elbo.mean():.4f} ± {elbo.std(ddof=1) / math.sqrt(len(elbo)):.4f} |")
     print(f"| net rate / negative ELBO | {net / elbo.mean():.4f} |")
+    if even is not None:
+        print(f"| negative ELBO, T = {params.steps} even in t (format 4's chain; ± standard error) | "
+              f"{even.mean():.4f} ± {even.std(ddof=1) / math.sqrt(len(even)):.4f} |")
+        print(f"| net rate / that | {net / even.mean():.4f} |")
     print(f"\nencode {D / 3 / (t1 - t0):,.0f} pixels/s" + ("" if args.no_decode else
                                                              f", decode {D / 3 / (t2 - t1):,.0f} pixels/s"))
 
@@ -177,6 +188,7 @@ def main(argv=None) -> int:
     p.add_argument("--grid-bits", type=int, default=d.grid_bits, help="latent grid σ_t·2^-k")
     p.add_argument("--tile", type=int, default=d.tile, help="tile side (0 = whole images)")
     p.add_argument("--warmup", type=int, default=d.warmup, help="warm-up tile side")
+    p.add_argument("--spacing", choices=("auto", "snr", "t"), default="auto", help="the chain's step spacing")
     p.add_argument("--batch", type=int, default=d.batch, help="tiles per network call")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default torch's)")
     p.add_argument("--limit", type=int, default=0, help="only the first N photos")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import struct
 import subprocess
@@ -162,6 +163,42 @@ def test_net_rate_is_close_to_the_negative_elbo():
     elbo = image_losses(m, x, steps=T, time_samples=T, seed=1, progress=False).sum(1).mean()  # −ELBO_T, bits/dim
     assert 4.0 < elbo < 12.0  # a sane number of bits per dimension, not a degenerate model
     assert net == pytest.approx(elbo, rel=0.02)
+
+
+def test_snr_spaced_chain_codes_gaussian_data_at_its_own_elbo_and_below_even_steps():
+    """The SNR-weighted chain (format 5) with the data's own density (a = 1, b = ln s²) codes the Wiener model's
+    images at the chain's −ELBO (`image_losses(gammas=…)`), which is well below the evenly spaced chain's at the
+    same T = 50 (closed-form excess ratio ≈ 0.64; tests/test_spacing.py)."""
+    from vdm.codec.chain import snr_spaced_gammas
+    s = 0.3
+    m = WienerVDM(s, n_embd=32, n_layer=0, image_size=8, gamma_type="fixed_linear").eval()
+    x = np.clip(np.floor((np.random.default_rng(0).normal(0, s, (16, 3, 16, 16)) + 1) * 128), 0, 255
+                ).astype(np.uint8)
+    T = 50
+    even = gammas(m, T)
+    spaced = snr_spaced_gammas(float(even[0]), float(even[-1]), T, 1.0, math.log(s * s))
+    rates = {}
+    for name, g in (("even", even), ("spaced", spaced)):
+        chain = make_chain(g, 2)
+        coder = constriction.stream.stack.AnsCoder(seed_words(8000))
+        before = coder.num_bits()
+        eps = lambda groups, i: [chain.sigma[i] * z / (chain.alpha[i] ** 2 * s * s + chain.sigma[i] ** 2)
+                                 for z in groups]
+        bitsback.encode_stage(coder, chain, eps, [x])
+        net = (coder.num_bits() - before) / x.size
+        elbo = image_losses(m, x, time_samples=T, seed=1, progress=False, gammas=g).sum(1).mean()
+        assert net == pytest.approx(elbo, rel=0.02), name
+        rates[name] = net
+    assert rates["spaced"] < rates["even"] - 0.2
+
+
+def test_chain_elbo_with_the_even_grid_is_the_discrete_time_elbo():
+    """`image_losses(gammas=γ(i/T))` is the T-step loss `image_losses(steps=T)` (same draws; γ by detmath)."""
+    m = tiny(3)
+    x = np.stack(some_images(2)[:1] * 4).transpose(0, 3, 1, 2)[:, :, :8, :8].copy()
+    a = image_losses(m, x, steps=20, time_samples=5, seed=2, progress=False)
+    b = image_losses(m, x, time_samples=5, seed=2, progress=False, gammas=gammas(m, 20))
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 class WienerCoding:

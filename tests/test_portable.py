@@ -161,10 +161,15 @@ def test_a_file_decodes_exactly_in_another_process_with_other_kernels(tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "out" / "crop.npy"), img)
 
 
-def test_a_file_of_this_format_version_keeps_decoding(packaged):
-    """A file written with format version 4 (tests/fixtures/codec, made by `vdm compress photo.npy --steps 6`)
-    decodes to its photo: any change to the coding arithmetic that would strand existing files fails here."""
-    from vdm.codec import decompress_images
-    data = (FIXTURES / "photo_T6.vdmc").read_bytes()
-    out = decompress_images(data, packaged)
+@pytest.mark.parametrize("version", [4, 5])
+def test_files_of_every_readable_format_version_keep_decoding(version):
+    """Files written with format versions 4 and 5 (tests/fixtures/codec, made by `vdm compress photo.npy --steps 6`
+    with the packaged model of the time) decode to their photo: any change to the coding arithmetic that would
+    strand existing files fails here."""
+    from vdm.codec import decompress_images, read_header
+    from vdm.pretrained import load_packaged_model
+    data = (FIXTURES / f"photo_T6_v{version}.vdmc").read_bytes()
+    header = read_header(data)
+    assert header.version == version and header.params.spacing == (version >= 5)
+    out = decompress_images(data, load_packaged_model(header.fingerprint))
     np.testing.assert_array_equal(out[0].pixels, np.load(FIXTURES / "photo.npy"))

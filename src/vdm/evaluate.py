@@ -56,7 +56,7 @@ def evaluation_mode(model: VDM, steps: int) -> Iterator[VDM]:
 @torch.no_grad()
 def image_losses(model: VDM, data: np.ndarray | Tensor, *, steps: int = 0, time_samples: int = 1,
                  batch_size: int = 64, seed: int = 0, progress: bool = True, precision: str = "fp32",
-                 conditioning: float = 0.0) -> np.ndarray:
+                 conditioning: float = 0.0, gammas: Sequence[float] | None = None) -> np.ndarray:
     """Per-image loss terms in bits per dimension, each the mean over `time_samples` draws: (N, 3) float64.
 
     Columns are prior, reconstruction and diffusion (`COMPONENTS`); their row sum is the image's negative VLB
@@ -67,7 +67,8 @@ def image_losses(model: VDM, data: np.ndarray | Tensor, *, steps: int = 0, time_
     training uses that). `data` holds integer images (N, C, H, W). `batch_size` counts network evaluations
     (image × draw) per forward pass. `precision` "fp32" or "bf16" (autocast; see `vdm.precision`).
     `conditioning` is the network's conditioning input (0: un-augmented images of an augmentation-conditioned
-    model, and every other model).
+    model, and every other model). `gammas` (T + 1 log-SNR parameters from γ(0) to γ(1), e.g. a codec chain's
+    `vdm.codec.chain.chain_gammas`) replaces the diffusion term by that T-step chain's (`steps` is then ignored).
     """
     if steps < 0 or time_samples < 1 or batch_size < 1:
         raise ValueError("steps must be ≥ 0, time_samples and batch_size ≥ 1")
@@ -77,6 +78,7 @@ def image_losses(model: VDM, data: np.ndarray | Tensor, *, steps: int = 0, time_
     N, K = data.shape[0], time_samples
     out = np.zeros((N, len(COMPONENTS)), dtype=np.float64)
     per_pass = max(1, batch_size // K)  # images per chunk; a chunk's N·K rows are split into batches
+    grid = None if gammas is None else torch.as_tensor(np.asarray(gammas, dtype=np.float64))
     bar = _progress(N, progress)
     with evaluation_mode(model, steps), autocast(precision, model.device):
         for start in range(0, N, per_pass):
@@ -86,7 +88,7 @@ def image_losses(model: VDM, data: np.ndarray | Tensor, *, steps: int = 0, time_
             eps = torch.cat([d[1] for d in draws])
             eps_0 = torch.cat([d[2] for d in draws])
             x = data[start:start + len(idx)].repeat_interleave(K, dim=0)
-            terms = _loss_terms(model, x, t, eps, eps_0, batch_size, conditioning)  # (len(idx)·K, 3) nats
+            terms = _loss_terms(model, x, t, eps, eps_0, batch_size, conditioning, grid)  # (len(idx)·K, 3) nats
             bpd = bits_per_dim(terms, model.num_dims(x)).view(len(idx), K, -1).mean(1)
             out[start:start + len(idx)] = bpd.double().numpy()
             bar.update(len(idx))
@@ -95,14 +97,15 @@ def image_losses(model: VDM, data: np.ndarray | Tensor, *, steps: int = 0, time_
 
 
 def _loss_terms(model: VDM, x: Tensor, t: Tensor, eps: Tensor, eps_0: Tensor, batch_size: int,
-                conditioning: float = 0.0) -> Tensor:
+                conditioning: float = 0.0, gammas: Tensor | None = None) -> Tensor:
     """model.loss on rows of (x, t, ε, ε₀) in batches of `batch_size`: (rows, 3) float64 nats on the CPU."""
     dev = model.device
     rows = []
     for b in range(0, x.shape[0], batch_size):
         sl = slice(b, b + batch_size)
         cond = torch.full((len(x[sl]),), float(conditioning), device=dev, dtype=model.dtype)
-        out = model.loss(x[sl].to(dev), t[sl].to(dev), eps[sl].to(dev), eps_0[sl].to(dev), conditioning=cond)
+        out = model.loss(x[sl].to(dev), t[sl].to(dev), eps[sl].to(dev), eps_0[sl].to(dev), conditioning=cond,
+                         gammas=gammas)
         rows.append(torch.stack([out[c].double() for c in COMPONENTS], dim=1).cpu())
     return torch.cat(rows)
 

@@ -122,12 +122,15 @@ class VDM(nn.Module):
         return torch.rand(batch, generator=generator, device=self.device, dtype=self.dtype)
 
     def loss(self, x: Tensor, t: Tensor | None = None, eps: Tensor | None = None, eps_0: Tensor | None = None,
-             *, conditioning: Tensor | None = None, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+             *, conditioning: Tensor | None = None, generator: torch.Generator | None = None,
+             gammas: Tensor | None = None) -> dict[str, Tensor]:
         """Negative VLB per example for integer images `x` (B, C, H, W).
 
         Returns a dict of (B,) tensors: "prior", "recon", "diff" (nats), "bpd" (bits per dimension of their
         sum) and "t" (the times used, after rounding up to the grid when `config.timesteps` = T > 0).
         `t` (B,), `eps` and `eps_0` (shaped like `x`) may be given; otherwise they are drawn (with `generator`).
+        `gammas` (T + 1 increasing values from γ(0) to γ(1)) gives the diffusion term of the T-step chain with
+        those log-SNR parameters instead (step i = ⌈t·T⌉, as the codec's spaced chains; no gradient to γ(t)).
         """
         _check_images(x, self.config)
         B = x.shape[0]
@@ -151,6 +154,17 @@ class VDM(nn.Module):
         if self.config.variance_minimisation and T == 0 and torch.is_grad_enabled():
             scale = torch.empty(B, device=f.device, dtype=f.dtype)
             hook = lambda grad: grad * scale  # noqa: E731
+        if gammas is not None:
+            gammas = gammas.to(device=f.device, dtype=f.dtype)
+            steps = len(gammas) - 1
+            i = torch.ceil(t * steps).clamp_min(1).long()
+            gamma_t, gamma_s = gammas[i], gammas[i - 1]
+            z_t = process.sample_z_t(f, gamma_t[:, None, None, None], eps)
+            diff = losses.diffusion_loss_discrete(gamma_s, gamma_t, steps, eps,
+                                                  self.eps_hat(z_t, gamma_t, conditioning))
+            total = prior + recon + diff
+            return {"prior": prior, "recon": recon, "diff": diff,
+                    "bpd": losses.bits_per_dim(total, self.num_dims(x)), "t": (i / steps).to(f.dtype)}
         if T > 0:
             t = losses.discretise_time(t, T)
         gamma_t, dgamma_t = self.gamma.gamma_and_derivative(t, shape_grad_hook=hook)

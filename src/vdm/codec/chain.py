@@ -1,6 +1,7 @@
 """The scalar coefficients of the T-step latent chain z_0, z_{1/T}, …, z_1 that bits-back coding walks.
 
-Everything here is a float64 number computed once from the model's schedule γ(t) at t_i = i/T, with the
+Everything here is a float64 number computed once from the model's schedule: γ(t) at t_i = i/T (format 4), or
+T steps between γ(0) and γ(1) spaced by the SNR-weighted density of `snr_spaced_gammas` (format 5), with the
 deterministic arithmetic of `detmath` (the schedule's float32 parameters widened to float64), so encoder and
 decoder derive identical values on any machine. Latent z_{t_i}
 lives on its own grid of width δ_i = σ_{t_i}·2^(−k) (k = `grid_bits`): the grid follows the noise level, so
@@ -10,6 +11,7 @@ because each latent is popped and pushed on the same grid.
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 
@@ -20,7 +22,7 @@ from vdm.codec import detmath
 
 @dataclass(frozen=True)
 class Chain:
-    """Per-time coefficients, arrays indexed by i = 0..T (time t_i = i/T), all float64.
+    """Per-step coefficients, arrays indexed by i = 0..T (i = 0 is z_0, i = T is z_1), all float64.
 
     gamma: γ(t_i); alpha, sigma: α_{t_i}, σ_{t_i}; delta: grid width δ_i of z_{t_i}.
     For step i = 1..T (s = t_{i−1} → t = t_i), index i of:
@@ -71,6 +73,42 @@ def gammas(model, T: int) -> np.ndarray:
             out.append(w1 * t + b1 + math.fsum(np.multiply(w3, phi)) / sched.n_features)
         return np.array(out)
     raise TypeError(f"no deterministic evaluation for the schedule {type(sched).__name__}")
+
+
+SPACING_INTERVALS = 4096  # the density of the SNR-weighted spacing is integrated on this many equal intervals
+
+
+def snr_spaced_gammas(g0: float, g1: float, T: int, a: float, b: float) -> np.ndarray:
+    """γ_0 = g0 < γ_1 < … < γ_T = g1 spaced with density ρ(γ) = (1 + e^{a·(γ − b)})^{−1/2} in γ: equal steps
+    where the noise hides the data (γ ≪ b), steps growing as e^{a(γ − b)/2} above b, where ε̂ is nearly exact.
+
+    The discrete chain's loss is ½·Σ_i expm1(γ_i − γ_{i−1})·e(γ_i) with e(γ) = E‖ε − ε̂‖², which falls with γ
+    roughly as (1 + e^{a(γ − b)})^{−1}; a density ∝ e^{1/2} minimises it (measured: bench/results). Deterministic:
+    ρ on 4,096 equal intervals of [g0, g1] with `detmath.exp`, its trapezoid cumulative sum in order, then linear
+    interpolation of the inverse at i/T of the total; Python float operations, each correctly rounded."""
+    K = SPACING_INTERVALS
+    g = [g0 + (g1 - g0) * (j / K) for j in range(K + 1)]
+    rho = np.divide(1.0, np.sqrt(np.add(1.0, detmath.exp(np.multiply(a, np.subtract(np.array(g), b))))))
+    rho = [float(r) for r in rho]
+    cum = [0.0]
+    for j in range(1, K + 1):
+        cum.append(cum[-1] + (rho[j - 1] + rho[j]) * 0.5)
+    out = [g0]
+    for i in range(1, T):
+        y = cum[K] * i / T
+        j = min(max(bisect.bisect_right(cum, y) - 1, 0), K - 1)
+        out.append(g[j] + (g[j + 1] - g[j]) * ((y - cum[j]) / (cum[j + 1] - cum[j])))
+    out.append(g1)
+    return np.array(out, dtype=np.float64)
+
+
+def chain_gammas(model, T: int, spacing: int, a: float, b: float) -> np.ndarray:
+    """γ_0..γ_T of the chain: spacing 0 = γ(i/T) (uniform in t, format 4); 1 = `snr_spaced_gammas` between
+    γ(0) and γ(1)."""
+    if spacing == 0:
+        return gammas(model, T)
+    g0, g1 = (float(v) for v in gammas(model, 1))
+    return snr_spaced_gammas(g0, g1, T, a, b)
 
 
 def make_chain(gamma: np.ndarray, grid_bits: int) -> Chain:

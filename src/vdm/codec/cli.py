@@ -15,7 +15,7 @@ DEFAULTS_NOTE = ("The defaults (T = 200 steps, a σ/4 grid, 32-pixel tiles, warm
 
 
 def register(subparsers) -> None:
-    from vdm.codec.container import CodingParams
+    from vdm.codec.container import SNR_SPACING_MIN_STEPS, CodingParams
     d = CodingParams()
     p = subparsers.add_parser(
         "compress", help="losslessly compress images into one .vdmc file (bits-back coding with a VDM)",
@@ -29,6 +29,10 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, default=d.steps, help=f"T, discrete steps of the chain (default {d.steps})")
     p.add_argument("--grid-bits", type=int, default=d.grid_bits,
                    help=f"latents are quantised to σ_t·2^-k; this is k (default {d.grid_bits})")
+    p.add_argument("--spacing", choices=("auto", "snr", "t"), default="auto",
+                   help="how the T steps are spaced: snr weights them by how much each noise level still hides "
+                        "(about 0.8 %% smaller files at T = 200, measured), t evenly in time (format 4's chain); "
+                        f"auto (default): snr for T ≥ {SNR_SPACING_MIN_STEPS}, else t")
     p.add_argument("--tile", type=int, default=d.tile, help=f"tile side in pixels, 0 = whole images (default {d.tile})")
     p.add_argument("--warmup", type=int, default=d.warmup,
                    help="smallest side of the pieces the first tiles are cut into while the ANS stack is too small to lend a "
@@ -100,7 +104,8 @@ def compress_command(args) -> int:
         if Path(args.output).exists() and not args.force:
             raise FileExistsError(f"{args.output} exists; pass --force to overwrite it")
         params = CodingParams(args.steps, args.grid_bits, args.tile, args.warmup, args.batch,
-                              args.threads or torch.get_num_threads(), args.conditioning)
+                              args.threads or torch.get_num_threads(), args.conditioning,
+                              spacing={"auto": -1, "snr": 1, "t": 0}[args.spacing])
         items = [item for path in args.inputs for item in read_images(path)]
         model = _load(args)
         t0 = time.perf_counter()

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from vdm.codec import bitsback, tiling
-from vdm.codec.chain import Chain, gammas, make_chain
+from vdm.codec.chain import Chain, chain_gammas, make_chain
 from vdm.codec.container import (FINGERPRINT_BYTES, MODES, CodecFormatError, CodingParams, Container, coding_key,
                                  ImageInfo, pack, unpack)
 from vdm.codec.fingerprint import model_fingerprint
@@ -146,7 +146,8 @@ def _stage_groups(units: Sequence[tiling.Unit]) -> list[list[int]]:
 
 
 def _chain(model, params: CodingParams) -> Chain:
-    return make_chain(gammas(model, params.steps), params.grid_bits)
+    return make_chain(chain_gammas(model, params.steps, params.spacing, params.spacing_a / 256,
+                                   params.spacing_b / 256), params.grid_bits)
 
 
 def compress_images(images: Sequence[np.ndarray], model, params: CodingParams = CodingParams(),
@@ -241,8 +242,11 @@ def decompress_images(data: bytes, model, progress: bool = False, threads: int |
     if sum(c.stages) != len(units) or min(c.stages, default=1) < 1:
         raise CodecFormatError("the stage table does not match the images")
     model.eval()
-    chain = _chain(model, params)
-    key = coding_key(c.fingerprint, params, c.images)
+    try:
+        chain = _chain(model, params)
+    except ValueError as e:  # e.g. forged spacing parameters that collapse the chain's steps
+        raise CodecFormatError(f"bad coding parameters ({e})") from None
+    key = coding_key(c.fingerprint, params, c.images, c.version)
     net = _Network(model, chain, params.conditioning)
     out = [np.zeros(s, dtype=np.uint8) for s in shapes]
     coder = constriction.stream.stack.AnsCoder(c.payload)

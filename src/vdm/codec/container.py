@@ -3,12 +3,14 @@
 Layout (integers are unsigned LEB128 varints unless a size is given; multi-byte fixed fields little-endian):
 
     magic        4 bytes  b"VDMC"
-    version      1 byte   (4)
+    version      1 byte   (5; version 4 files, which lack the spacing fields, are still read)
     fingerprint 16 bytes  first 16 bytes of the model's SHA-256 fingerprint (`fingerprint.py`)
     steps, grid_bits, tile, warmup, batch, threads, seed_words   7 varints (the coding parameters; seed_words:
                  the number of initial words of the ANS stack)
     conditioning 8 bytes  float64, the network's conditioning input (0 unless the model was trained with
                  augmentation conditioning and the images are coded as augmented ones)
+    spacing      1 byte   how the chain's T steps are spaced: 0 uniform in t, 1 SNR-weighted (`chain.py`)
+    spacing_a, spacing_b  2 × int16: the SNR-weighted density's slope a and centre b, in units of 1/256
     n_splits     varint, then the warm-up split flags (`tiling.WarmupPlan`), 8 per byte, least significant first
     n_runs       varint, then per run of consecutive images with equal entries: count (varint), mode
                  (1 byte: 0 grey H×W, 1 grey H×W×1, 2 RGB H×W×3), height, width (varints),
@@ -31,7 +33,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 MAGIC = b"VDMC"
-VERSION = 4
+VERSION = 5
+READABLE_VERSIONS = (4, 5)  # version 4: the chain uniform in t, no spacing fields
 FINGERPRINT_BYTES = 16
 MODES = {0: (1, 2), 1: (1, 3), 2: (3, 3)}  # mode → (channels, array dimensions)
 MAX_SIDE = 1 << 16  # largest height or width accepted from a file
@@ -39,6 +42,7 @@ MAX_PIXELS = 1 << 28  # largest total number of pixels accepted from a file
 MAX_NAME = 4096
 MAX_BATCH = 1024  # units per network call
 MAX_THREADS = 256
+SNR_SPACING_MIN_STEPS = 10  # measured with the packaged model: SNR-weighted steps lose to even ones at T ≤ 6
 
 
 class CodecFormatError(ValueError):
@@ -70,8 +74,14 @@ class CodingParams:
     batch: int = 32  # units per network call and per stage (the stage plan depends on it, so it is recorded)
     threads: int = 1  # torch CPU threads the encoder used (the decoder's default; any count gives the same bits)
     conditioning: float = 0.0  # the network's conditioning input (augmentation-conditioned models; 0 = none)
+    spacing: int = -1  # the chain's steps: 0 uniform in t; 1 SNR-weighted in γ (chain.snr_spaced_gammas);
+    # −1 (default): 1 when steps ≥ SNR_SPACING_MIN_STEPS, else 0 (with a few big steps even ones lose less)
+    spacing_a: int = 128  # its slope a = spacing_a/256 (0.5) …
+    spacing_b: int = -1920  # … and centre b = spacing_b/256 (−7.5): fitted to the packaged model (bench/results)
 
     def __post_init__(self):
+        if self.spacing == -1:
+            object.__setattr__(self, "spacing", int(self.steps >= SNR_SPACING_MIN_STEPS))
         # bounds on what a file may ask of the decoder before anything is allocated
         for name, top in (("steps", 10_000), ("batch", MAX_BATCH), ("threads", MAX_THREADS)):
             if not 1 <= getattr(self, name) <= top:
@@ -82,6 +92,11 @@ class CodingParams:
             raise ValueError("tile and warmup must be non-negative")
         if not -1e6 <= self.conditioning <= 1e6:  # also refuses NaN
             raise ValueError(f"conditioning must be a finite number, got {self.conditioning}")
+        if self.spacing not in (0, 1):
+            raise ValueError(f"spacing must be 0 (uniform in t) or 1 (SNR-weighted), got {self.spacing}")
+        if not (0 <= self.spacing_a < 2 ** 15 and -2 ** 15 <= self.spacing_b < 2 ** 15):
+            raise ValueError(f"spacing_a must lie in 0..32767 and spacing_b in -32768..32767, got "
+                             f"{self.spacing_a}, {self.spacing_b}")
 
 
 @dataclass
@@ -96,6 +111,7 @@ class Container:
     payload: np.ndarray = field(repr=False)  # uint32 words
     topups: list[int] | None = None  # top-up words pushed before each stage (None: none)
     splits: list[bool] = field(default_factory=list)  # warm-up split flags (tiling.WarmupPlan)
+    version: int = VERSION  # the file's format version (READABLE_VERSIONS)
 
     def __post_init__(self):
         if self.topups is None:
@@ -145,6 +161,8 @@ class _Reader:
 def pack(c: Container) -> bytes:
     """The bytes of a `.vdmc` file."""
     p = c.params
+    if c.version != VERSION:
+        raise ValueError(f"only format version {VERSION} is written")
     out = bytearray(MAGIC)
     out.append(VERSION)
     if len(c.fingerprint) != FINGERPRINT_BYTES:
@@ -152,7 +170,7 @@ def pack(c: Container) -> bytes:
     out += c.fingerprint
     for v in (p.steps, p.grid_bits, p.tile, p.warmup, p.batch, p.threads, c.seed_words):
         out += _varint(v)
-    out += struct.pack("<d", p.conditioning)
+    out += struct.pack("<d", p.conditioning) + _spacing(p)
     out += _varint(len(c.splits)) + np.packbits(np.asarray(c.splits, dtype=bool), bitorder="little").tobytes()
     out += _image_table(c.images)
     out += _varint(len(c.stages))
@@ -181,16 +199,22 @@ def _image_table(images: list[ImageInfo]) -> bytes:
     return bytes(out)
 
 
-def coding_key(fingerprint: bytes, params: CodingParams, images: list[ImageInfo]) -> bytes:
+def _spacing(p: CodingParams) -> bytes:
+    return struct.pack("<Bhh", p.spacing, p.spacing_a, p.spacing_b)
+
+
+def coding_key(fingerprint: bytes, params: CodingParams, images: list[ImageInfo], version: int = VERSION) -> bytes:
     """SHA-256 of what the header says before coding starts: b"vdm-coding-key", the version byte, the 16-byte
-    fingerprint, the six coding-parameter varints, the float64 conditioning and the image table, laid out as in
-    the file. The masks and top-up words of the stream are derived from it, so a header altered after encoding
+    fingerprint, the six coding-parameter varints, the float64 conditioning, (version 5) the spacing fields and
+    the image table, laid out as in the file. The masks and top-up words of the stream are derived from it, so a header altered after encoding
     (its checksum recomputed) no longer decodes: the stream fails its checks instead of yielding other pixels."""
     p = params
-    h = hashlib.sha256(b"vdm-coding-key" + bytes([VERSION]) + bytes(fingerprint))
+    h = hashlib.sha256(b"vdm-coding-key" + bytes([version]) + bytes(fingerprint))
     for v in (p.steps, p.grid_bits, p.tile, p.warmup, p.batch, p.threads):
         h.update(_varint(v))
     h.update(struct.pack("<d", p.conditioning))
+    if version >= 5:
+        h.update(_spacing(p))
     h.update(_image_table(images))
     return h.digest()
 
@@ -207,14 +231,17 @@ def unpack(data: bytes) -> Container:
     r = _Reader(data, len(data) - 4)
     r.take(4)
     version = r.take(1)[0]
-    if version != VERSION:
+    if version not in READABLE_VERSIONS:
         older = " (written by an older vdm: decode it with that version)" if version < VERSION else ""
-        raise CodecFormatError(f"format version {version}; this vdm reads version {VERSION}{older}")
+        raise CodecFormatError(f"format version {version}; this vdm reads versions "
+                               f"{', '.join(map(str, READABLE_VERSIONS))}{older}")
     fingerprint = r.take(FINGERPRINT_BYTES)
     vals = [r.varint(1 << 20) for _ in range(7)]
     (conditioning,) = struct.unpack("<d", r.take(8))
+    spacing = struct.unpack("<Bhh", r.take(5)) if version >= 5 else (0, 0, 0)
     try:
-        params = CodingParams(*vals[:6], conditioning=conditioning)
+        params = CodingParams(*vals[:6], conditioning=conditioning, spacing=spacing[0], spacing_a=spacing[1],
+                              spacing_b=spacing[2])
     except ValueError as e:
         raise CodecFormatError(f"bad coding parameters ({e})") from None
     n_splits = r.varint(MAX_PIXELS)
@@ -250,4 +277,5 @@ def unpack(data: bytes) -> Container:
         raise CodecFormatError("malformed payload (ends in a zero word)")
     if vals[6] + sum(topups) > len(payload):
         raise CodecFormatError("malformed header (more initial and top-up words than payload)")
-    return Container(fingerprint, params, vals[6], images, stages, payload, topups, splits.astype(bool).tolist())
+    return Container(fingerprint, params, vals[6], images, stages, payload, topups, splits.astype(bool).tolist(),
+                     version)
