@@ -25,8 +25,8 @@ from vdm.nets.winograd import use_winograd
 from vdm.precision import autocast, resolve_conv_algorithm, resolve_precision
 from vdm.train import distributed, state
 from vdm.train.augment import augment
-from vdm.train.crops import CropSampler
 from vdm.train.batches import BatchOrder, augment_generator, dropout_seed, init_seed, step_noise
+from vdm.train.crops import CropSampler
 from vdm.train.ema import EMA
 from vdm.train.log import MetricsLog, truncate_metrics
 from vdm.train.optim import lr_at, make_optimizer, set_lr
@@ -341,8 +341,8 @@ class _Trainer:
                "recon": recon, "diff": diff, "lr": lr_at(self.config.optim, self.step - 1),
                "grad_norm": w.grad_norm / n if w.good else None, "images_per_s": w.images / max(seconds, 1e-9),
                "pixels_per_s": w.pixels / max(seconds, 1e-9),
-               "epoch": self.order.epoch(self.step) if self.order is not None else None, "nonfinite_total": self.counters.nonfinite_total,
-               "skipped": w.skipped}
+               "epoch": self.order.epoch(self.step) if self.order is not None else None,  # None on random crops
+               "nonfinite_total": self.counters.nonfinite_total, "skipped": w.skipped}
         self.log.write(rec)
         if bar is not None and w.good:
             bar.set_postfix(bpd=f"{rec['bpd']:.3f}", img_s=f"{rec['images_per_s']:.0f}", refresh=False)
@@ -417,6 +417,8 @@ def _load_data(config: TrainConfig, device: torch.device) -> tuple[Tensor | dict
     kw = {"image_size": m.image_size, "channels": m.channels}
     try:
         if data.crop_sizes:
+            if m.channels != 3:
+                raise TrainingError(f"random crops come from colour photographs; model.channels is {m.channels}")
             train_x = photo_scales(data.name, "train")
         else:
             train_x = load_dataset(data.name, "train", root=data.root, **kw)
