@@ -77,7 +77,8 @@ class CodingParams:
     spacing: int = -1  # the chain's steps: 0 uniform in t; 1 SNR-weighted in γ (chain.snr_spaced_gammas);
     # −1 (default): 1 when steps ≥ SNR_SPACING_MIN_STEPS, else 0 (with a few big steps even ones lose less)
     spacing_a: int = 128  # its slope a = spacing_a/256 (0.5) …
-    spacing_b: int = -1920  # … and centre b = spacing_b/256 (−7.5): fitted to the packaged model (bench/results)
+    spacing_b: int = -1920  # … and centre b = spacing_b/256 (−7.5): fitted to the first packaged model
+    # (bench/results/chain_spacing_T200.txt)
 
     def __post_init__(self):
         if self.spacing == -1:
@@ -206,8 +207,9 @@ def _spacing(p: CodingParams) -> bytes:
 def coding_key(fingerprint: bytes, params: CodingParams, images: list[ImageInfo], version: int = VERSION) -> bytes:
     """SHA-256 of what the header says before coding starts: b"vdm-coding-key", the version byte, the 16-byte
     fingerprint, the six coding-parameter varints, the float64 conditioning, (version 5) the spacing fields and
-    the image table, laid out as in the file. The masks and top-up words of the stream are derived from it, so a header altered after encoding
-    (its checksum recomputed) no longer decodes: the stream fails its checks instead of yielding other pixels."""
+    the image table, laid out as in the file. The masks and top-up words of the stream are derived from it, so a
+    header altered after encoding (its checksum recomputed) no longer decodes: the stream fails its checks
+    instead of yielding other pixels."""
     p = params
     h = hashlib.sha256(b"vdm-coding-key" + bytes([version]) + bytes(fingerprint))
     for v in (p.steps, p.grid_bits, p.tile, p.warmup, p.batch, p.threads):
