@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from vdm.cli import main as vdm_main
-from vdm.codec import detmath, intnet
+from vdm.codec import detmath, intnet, read_header
 from vdm.codec.chain import gammas, make_chain
 from vdm.codec.intnet import CodingNetwork, exact_arithmetic
 from vdm.data import load_dataset
@@ -148,12 +148,14 @@ def test_the_coding_network_gives_the_same_bits_for_any_batch_and_thread_count(c
 # --- end to end -----------------------------------------------------------------------------------------------
 def test_a_file_decodes_exactly_in_another_process_with_other_kernels(tmp_path):
     """Encode here (2 threads, this machine's best kernels); decode in a process with torch's generic
-    kernels, oneDNN limited to SSE4.1, numpy without AVX2/FMA and one thread."""
+    kernels, oneDNN limited to SSE4.1, numpy without AVX2/FMA and one thread. SNR-weighted steps (format 5's
+    spacing), so the decoder rebuilds the spaced chain too."""
     img = photo_crop()
     np.save(tmp_path / "crop.npy", img)
     out_file = tmp_path / "crop.vdmc"
     assert vdm_main(["compress", str(tmp_path / "crop.npy"), "-o", str(out_file), "--steps", "6",
-                     "--threads", "2", "-q"]) == 0
+                     "--spacing", "snr", "--threads", "2", "-q"]) == 0
+    assert read_header(out_file.read_bytes()).params.spacing == 1
     env = dict(os.environ, **OTHER_MACHINE)
     r = subprocess.run([sys.executable, "-m", "vdm", "decompress", str(out_file), "-o", str(tmp_path / "out"),
                         "--threads", "1", "-q"], env=env, capture_output=True, text=True, timeout=600)

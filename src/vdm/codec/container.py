@@ -42,7 +42,8 @@ MAX_PIXELS = 1 << 28  # largest total number of pixels accepted from a file
 MAX_NAME = 4096
 MAX_BATCH = 1024  # units per network call
 MAX_THREADS = 256
-SNR_SPACING_MIN_STEPS = 10  # measured with the packaged model: SNR-weighted steps lose to even ones at T ≤ 6
+SNR_SPACING_MIN_STEPS = 50  # below, SNR-weighted steps lost to even ones for one packaged model or the other
+# (first model at T ≤ 6, current one at T ≤ 20: bench/results/chain_spacing_*.txt)
 
 
 class CodecFormatError(ValueError):
