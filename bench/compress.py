@@ -91,9 +91,9 @@ def load(args):
 
 def params_from(args):
     from vdm.codec import CodingParams
+    from vdm.codec.container import SPACINGS
     return CodingParams(args.steps, args.grid_bits, args.tile, args.warmup, args.batch,
-                        args.threads or torch.get_num_threads(),
-                        spacing={"auto": -1, "snr": 1, "t": 0}[args.spacing])
+                        args.threads or torch.get_num_threads(), spacing=SPACINGS[args.spacing])
 
 
 def bench_photos(args) -> None:
@@ -181,6 +181,7 @@ def bench_tiles(args) -> None:
 
 def main(argv=None) -> int:
     from vdm.codec import CodingParams
+    from vdm.codec.container import SPACINGS
     d = CodingParams()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model file/checkpoint/run (default: the packaged model)")
@@ -188,7 +189,7 @@ def main(argv=None) -> int:
     p.add_argument("--grid-bits", type=int, default=d.grid_bits, help="latent grid σ_t·2^-k")
     p.add_argument("--tile", type=int, default=d.tile, help="tile side (0 = whole images)")
     p.add_argument("--warmup", type=int, default=d.warmup, help="warm-up tile side")
-    p.add_argument("--spacing", choices=("auto", "snr", "t"), default="auto", help="the chain's step spacing")
+    p.add_argument("--spacing", choices=tuple(SPACINGS), default="auto", help="the chain's step spacing")
     p.add_argument("--batch", type=int, default=d.batch, help="tiles per network call")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default torch's)")
     p.add_argument("--limit", type=int, default=0, help="only the first N photos")

@@ -151,27 +151,24 @@ class VDM(nn.Module):
         # 2·L_diff per example, filled in below and read by the hook at backward time (a tensor written in
         # place rather than a dict entry, so that torch.compile can trace the hook without a graph break)
         hook = None
-        if self.config.variance_minimisation and T == 0 and torch.is_grad_enabled():
+        if self.config.variance_minimisation and T == 0 and gammas is None and torch.is_grad_enabled():
             scale = torch.empty(B, device=f.device, dtype=f.dtype)
             hook = lambda grad: grad * scale  # noqa: E731
-        if gammas is not None:
+        if gammas is not None:  # the T-step chain with these γ: step i = ⌈t·T⌉
             gammas = gammas.to(device=f.device, dtype=f.dtype)
-            steps = len(gammas) - 1
-            i = torch.ceil(t * steps).clamp_min(1).long()
+            T = len(gammas) - 1
+            i = torch.ceil(t * T).clamp_min(1).long()
+            t = i.to(f.dtype) / T
             gamma_t, gamma_s = gammas[i], gammas[i - 1]
-            z_t = process.sample_z_t(f, gamma_t[:, None, None, None], eps)
-            diff = losses.diffusion_loss_discrete(gamma_s, gamma_t, steps, eps,
-                                                  self.eps_hat(z_t, gamma_t, conditioning))
-            total = prior + recon + diff
-            return {"prior": prior, "recon": recon, "diff": diff,
-                    "bpd": losses.bits_per_dim(total, self.num_dims(x)), "t": (i / steps).to(f.dtype)}
-        if T > 0:
-            t = losses.discretise_time(t, T)
-        gamma_t, dgamma_t = self.gamma.gamma_and_derivative(t, shape_grad_hook=hook)
+        else:
+            if T > 0:
+                t = losses.discretise_time(t, T)
+            gamma_t, dgamma_t = self.gamma.gamma_and_derivative(t, shape_grad_hook=hook)
+            if T > 0:
+                gamma_s = self.gamma(t - 1.0 / T)
         z_t = process.sample_z_t(f, gamma_t[:, None, None, None], eps)
         eps_hat = self.eps_hat(z_t, gamma_t, conditioning)
         if T > 0:
-            gamma_s = self.gamma(t - 1.0 / T)
             diff = losses.diffusion_loss_discrete(gamma_s, gamma_t, T, eps, eps_hat)
         else:
             diff = losses.diffusion_loss_continuous(dgamma_t, eps, eps_hat)

@@ -42,6 +42,7 @@ MAX_PIXELS = 1 << 28  # largest total number of pixels accepted from a file
 MAX_NAME = 4096
 MAX_BATCH = 1024  # units per network call
 MAX_THREADS = 256
+SPACINGS = {"auto": -1, "t": 0, "snr": 1}  # names of CodingParams.spacing (command line)
 SNR_SPACING_MIN_STEPS = 50  # below, SNR-weighted steps lost to even ones for one packaged model or the other
 # (first model at T ≤ 6, current one at T ≤ 20: bench/results/chain_spacing_*.txt)
 

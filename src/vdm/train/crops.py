@@ -32,6 +32,8 @@ class CropSampler:
         if not sizes:
             raise ValueError("no crop sizes given")
         self.names = list(photos)
+        if not self.names:
+            raise ValueError("no photographs to crop from")
         self.sizes = [int(s) for s in sizes]
         self.batch_size, self.base, self.seed, self.world_size = batch_size, base, seed, world_size
         # per size, per photograph: its scales that hold a crop of that size
@@ -42,8 +44,6 @@ class CropSampler:
             if empty:
                 raise ValueError(f"crop size {s} is larger than every scale of {', '.join(empty)}")
             self.scales[s] = fits
-        if not self.names:
-            raise ValueError("no photographs to crop from")
 
     def batch(self, step: int) -> Tensor:
         """Global batch `step`: uint8 (B, 3, size, size), B = batch_for_size(...)."""
