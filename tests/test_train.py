@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from vdm.checkpoint import load_model
-from vdm.config import ConfigError, TrainConfig, apply_overrides, build_config, load_preset, preset_names
+from vdm.config import ConfigError, OptimConfig, TrainConfig, apply_overrides, build_config, load_preset, preset_names
 from vdm.train import NonFiniteLossError, TrainingError, train
 from vdm.train.batches import BatchOrder, step_noise
 from vdm.train.ema import EMA
@@ -195,6 +195,11 @@ def test_weight_decay_groups_and_warmup():
     cfg = TrainConfig().optim
     assert [lr_at(cfg, s) for s in (0, 49, 99, 100, 10**6)] == pytest.approx(
         [2e-6, 1e-4, 2e-4, 2e-4, 2e-4])
+    cos = OptimConfig(lr=1e-3, warmup_steps=100, decay_steps=300)  # half cosine from step 100 to 300
+    assert [lr_at(cos, s) for s in (99, 100, 150, 200, 300, 10**6)] == pytest.approx(
+        [1e-3, 1e-3, 1e-3 * (1 + 2**-0.5) / 2, 5e-4, 0.0, 0.0], abs=1e-12)
+    with pytest.raises(ValueError, match="decay_steps"):
+        OptimConfig(warmup_steps=100, decay_steps=100)
 
 
 def test_prune_keeps_the_last_k_and_the_best(tmp_path):

@@ -31,7 +31,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warm-up then a constant learning rate (the official VDM optimiser)."""
+    """AdamW with linear warm-up then a constant learning rate (the official VDM optimiser), or a cosine decay to
+    zero at `decay_steps` (an annealed end of a fine-tuning run)."""
 
     lr: float = 2e-4  # peak learning rate
     beta1: float = 0.9  # Adam β₁
@@ -39,7 +40,14 @@ class OptimConfig:
     eps: float = 1e-8  # Adam ε
     weight_decay: float = 0.01  # decoupled weight decay, on weight matrices/kernels only (not biases, norms, γ)
     warmup_steps: int = 100  # lr rises linearly from lr/warmup_steps to lr over these steps
+    decay_steps: int = 0  # 0 = constant lr after warm-up; else lr follows a half cosine from lr at warmup_steps to
+    # 0 at step decay_steps (and stays 0 after it: set run.max_steps to decay_steps)
     grad_clip: float = 0.0  # clip the score network's gradient norm (not the schedule's) to this; 0 = no clipping
+
+    def __post_init__(self):
+        if self.decay_steps and self.decay_steps <= self.warmup_steps:
+            raise ValueError(f"decay_steps ({self.decay_steps}) must exceed warmup_steps ({self.warmup_steps}), "
+                             f"or be 0 for a constant learning rate")
 
 
 @dataclass

@@ -21,7 +21,7 @@ examples:
 
 overrides (--set SECTION.KEY=VALUE, repeatable) are type-checked against the config's fields:
   model.*  (VDMConfig: n_embd, n_layer, dropout, gamma_type, timesteps, variance_minimisation, ...)
-  optim.*  (lr, beta1, beta2, eps, weight_decay, warmup_steps, grad_clip)
+  optim.*  (lr, beta1, beta2, eps, weight_decay, warmup_steps, decay_steps, grad_clip)
   data.*   (name, root, test_split, test_images, augment, crop_sizes: e.g. [16,32,48] trains on random
             crops with left-right flips of the whole photographs of photos / wallpapers / photos+wallpapers)
   run.*    (seed, batch_size, max_steps, ema_decay, ema_warmup, log_every, eval_every, checkpoint_every,

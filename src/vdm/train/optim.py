@@ -1,6 +1,8 @@
-"""AdamW with weight decay on weight matrices and kernels only, and a linear warm-up of the learning rate."""
+"""AdamW with weight decay on weight matrices and kernels only; the learning rate's warm-up and optional cosine decay."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -31,9 +33,13 @@ def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
 
 
 def lr_at(cfg: OptimConfig, step: int) -> float:
-    """Learning rate of optimiser step `step` (0-based): lr·(step + 1)/warmup_steps during warm-up, then lr."""
+    """Learning rate of optimiser step `step` (0-based): lr·(step + 1)/warmup_steps during warm-up, then lr, or
+    with `decay_steps` = D > 0, lr·½(1 + cos(π·(step − warmup_steps)/(D − warmup_steps))) until D and 0 after it."""
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.decay_steps:
+        done = min(1.0, (step - cfg.warmup_steps) / (cfg.decay_steps - cfg.warmup_steps))
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * done))
     return cfg.lr
 
 
