@@ -65,8 +65,7 @@ def main() -> None:
 
     fine = np.linspace(g0, g1, 100_001)
     limit = 0.5 * float(np.sum(np.diff(fine) * np.interp(fine[1:], gam_t, e))) * to_bits
-    d = CodingParams()
-    default = (d.spacing_a / 256, d.spacing_b / 256)
+    default = CodingParams().spacing_density
     best = min(((chain_loss(snr_spaced_gammas(g0, g1, 200, a, b)), a, b)
                 for a in np.arange(0.125, 1.51, 0.125) for b in np.arange(-12.0, 2.01, 0.5)))
     print(f"\ndiffusion term, bits/dim (e interpolated); continuous limit {limit:.4f}")
@@ -82,7 +81,7 @@ def main() -> None:
     if args.validate:
         rest = np.setdiff1d(np.arange(len(tiles)), np.linspace(0, len(tiles) - 1, args.tiles).round().astype(int))
         xv = tiles[rest[np.linspace(0, len(rest) - 1, args.validate).round().astype(int)]]
-        T = d.steps
+        T = CodingParams().steps
         print(f"\nexact chain −ELBO, T = {T}, on {len(xv)} other test tiles (bits/dim, ± s.e.; same draws):")
         res = {}
         for name, sp in (("even in t", 0), ("SNR-weighted (default a, b)", 1)):

@@ -5,6 +5,7 @@ speed in pixels per second; every codec's output is decoded and checked to be ex
 
     python bench/compress.py --limit 1 --crop 96           # quick: one photo, centre 96×96 crop
     python bench/compress.py --model runs/compress          # all test photos, whole
+    python bench/compress.py --photos rocket,flower         # some of them, by name
     python bench/compress.py --tiles 64 --steps 50          # net rate vs −ELBO_T on 64 test tiles
 
 `--tiles N` codes N test tiles (32×32, evenly spread over the test split) into one file and prints its net rate
@@ -97,7 +98,14 @@ def params_from(args):
 
 
 def bench_photos(args) -> None:
-    photos = list(test_photos().items())[:args.limit or None]
+    every = test_photos()
+    if args.photos:
+        names = args.photos.split(",")
+        unknown = [n for n in names if n not in every]
+        if unknown:
+            raise SystemExit(f"compress.py: no test photo {', '.join(unknown)} (there are {', '.join(every)})")
+        every = {n: every[n] for n in names}
+    photos = list(every.items())[:args.limit or None]
     photos = [(n, centre_crop(p, args.crop)) for n, p in photos]
     codecs = {"PNG (optimize)": lambda im: _pillow(im, "PNG", optimize=True),
               "WebP lossless (method 6)": lambda im: _pillow(im, "WEBP", lossless=True, method=6),
@@ -153,7 +161,7 @@ def bench_tiles(args) -> None:
     c = read_header(data)
     D = x.size
     # −ELBO_T per tile in bits/dim: T stratified draws per tile hit every step of the chain once
-    g = chain_gammas(model, params.steps, params.spacing, params.spacing_a / 256, params.spacing_b / 256)
+    g = chain_gammas(model, params.steps, params.spacing, *params.spacing_density)
     elbo = image_losses(model, x, time_samples=params.steps, seed=args.seed, batch_size=256, gammas=g).sum(1)
     even = None
     if params.spacing != 0:  # also the evenly spaced chain's (format 4), for comparison
@@ -193,6 +201,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=d.batch, help="tiles per network call")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default torch's)")
     p.add_argument("--limit", type=int, default=0, help="only the first N photos")
+    p.add_argument("--photos", default="", help="only these test photos (comma-separated names, e.g. coffee,rocket)")
     p.add_argument("--crop", type=int, default=0, help="centre crop of this side (0 = whole photos)")
     p.add_argument("--no-vdm", action="store_true", help="only the classical codecs")
     p.add_argument("--tiles", type=int, default=0, help="code N test tiles and compare with the ELBO")

@@ -146,8 +146,7 @@ def _stage_groups(units: Sequence[tiling.Unit]) -> list[list[int]]:
 
 
 def _chain(model, params: CodingParams) -> Chain:
-    return make_chain(chain_gammas(model, params.steps, params.spacing, params.spacing_a / 256,
-                                   params.spacing_b / 256), params.grid_bits)
+    return make_chain(chain_gammas(model, params.steps, params.spacing, *params.spacing_density), params.grid_bits)
 
 
 def compress_images(images: Sequence[np.ndarray], model, params: CodingParams = CodingParams(),

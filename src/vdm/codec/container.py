@@ -101,6 +101,11 @@ class CodingParams:
             raise ValueError(f"spacing_a must lie in 0..32767 and spacing_b in -32768..32767, got "
                              f"{self.spacing_a}, {self.spacing_b}")
 
+    @property
+    def spacing_density(self) -> tuple[float, float]:
+        """(a, b) of the SNR-weighted spacing density (`chain.snr_spaced_gammas`), from their 1/256 units."""
+        return self.spacing_a / 256, self.spacing_b / 256
+
 
 @dataclass
 class Container:
