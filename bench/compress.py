@@ -151,7 +151,8 @@ def bench_tiles(args) -> None:
     x = tiles[pick]  # (N, 3, 32, 32)
     images = [np.ascontiguousarray(t.transpose(1, 2, 0)) for t in x]
     t0 = time.perf_counter()
-    data = compress_images(images, model, params, progress=True)
+    stage_bits: list[int] = []
+    data = compress_images(images, model, params, progress=True, stage_bits=stage_bits)
     t1 = time.perf_counter()
     exact = "not checked (--no-decode)"
     if not args.no_decode:
@@ -183,8 +184,39 @@ def bench_tiles(args) -> None:
         print(f"| negative ELBO, T = {params.steps} even in t (format 4's chain; ± standard error) | "
               f"{even.mean():.4f} ± {even.std(ddof=1) / math.sqrt(len(even)):.4f} |")
         print(f"| net rate / that | {net / even.mean():.4f} |")
+    stage_table(model, params, x, c, stage_bits, g, args.seed)
     print(f"\nencode {D / 3 / (t1 - t0):,.0f} pixels/s" + ("" if args.no_decode else
                                                              f", decode {D / 3 / (t2 - t1):,.0f} pixels/s"))
+
+
+def stage_table(model, params, x: np.ndarray, c, stage_bits: list[int], gammas: np.ndarray, seed: int) -> None:
+    """Where the bits go: each stage's net code length against the −ELBO_T of the pieces it coded (the warm-up's
+    quadrants included), for the warm-up stages (those with pieces smaller than a tile) and the rest."""
+    from vdm.codec import tiling
+    from vdm.evaluate import image_losses
+    C = model.config.channels
+    units = tiling.replay_units(tiling.plan_units([t.shape for t in x], C, params.tile), params.warmup, c.splits)
+    elbo_bits = np.zeros(len(units))
+    for idx in tiling.shape_groups(units):
+        pieces = np.stack([tiling.extract(list(x), units[j], C) for j in idx])
+        bpd = image_losses(model, pieces, time_samples=params.steps, seed=seed, batch_size=256, gammas=gammas,
+                           progress=False).sum(1)
+        elbo_bits[idx] = bpd * pieces[0].size
+    ends = np.cumsum(c.stages)
+    rows = {"warm-up stages": [0, 0, 0.0, 0.0], "the other stages": [0, 0, 0.0, 0.0]}
+    for si, (end, size) in enumerate(zip(ends, c.stages)):
+        stage = range(end - size, end)
+        warm = any(units[j].h * units[j].w < params.tile ** 2 for j in stage)
+        r = rows["warm-up stages" if warm else "the other stages"]
+        r[0] += 1
+        r[1] += sum(C * units[j].h * units[j].w for j in stage)
+        r[2] += stage_bits[si]
+        r[3] += float(elbo_bits[list(stage)].sum())
+    print("\n| stages | count | sub-pixels | net bits per sub-pixel (no top-up words) | −ELBO_T of their pieces | "
+          "ratio |\n|---|---|---|---|---|---|")
+    for name, (n, dims, bits, elbo) in rows.items():
+        if n:
+            print(f"| {name} | {n} | {dims} | {bits / dims:.4f} | {elbo / dims:.4f} | {bits / elbo:.4f} |")
 
 
 def main(argv=None) -> int:

@@ -274,6 +274,19 @@ def test_a_stage_short_of_bits_is_coded_again_with_top_up_words(model, monkeypat
         np.testing.assert_array_equal(decoded.pixels, original)
 
 
+def test_stage_bits_account_for_the_whole_payload(model):
+    """The per-stage code lengths `compress_images` reports, plus the top-up words and the initial words, are
+    the payload's size exactly (the stack's bits telescope over the stages)."""
+    from vdm.codec.compressor import seed_words
+    stage_bits: list[int] = []
+    data = compress_images(some_images(4), model, FAST, stage_bits=stage_bits)
+    c = read_header(data)
+    assert len(stage_bits) == len(c.stages)
+    start = constriction.stream.stack.AnsCoder(seed_words(c.seed_words)).num_bits()
+    end = constriction.stream.stack.AnsCoder(c.payload).num_bits()
+    assert start + sum(stage_bits) + 32 * sum(c.topups) == end
+
+
 def test_file_rate_counts_every_byte(model, packed):
     """The reported rate is the file size: header + payload (whole final stack, seed included) + checksum."""
     c = read_header(packed)

@@ -150,8 +150,12 @@ def _chain(model, params: CodingParams) -> Chain:
 
 
 def compress_images(images: Sequence[np.ndarray], model, params: CodingParams = CodingParams(),
-                    names: Sequence[str] | None = None, progress: bool = False) -> bytes:
-    """The `.vdmc` file holding `images` coded with `model` (a VDM) and `params`."""
+                    names: Sequence[str] | None = None, progress: bool = False,
+                    stage_bits: list[int] | None = None) -> bytes:
+    """The `.vdmc` file holding `images` coded with `model` (a VDM) and `params`.
+
+    `stage_bits`, if given, receives each stage's net code length in bits (what the stage added to the stack,
+    its top-up words not counted), in coding order: for measuring where a file's bits go."""
     if not len(images):
         raise ValueError("no images to compress")
     names = list(names) if names is not None else [""] * len(images)
@@ -198,6 +202,8 @@ def compress_images(images: Sequence[np.ndarray], model, params: CodingParams = 
                     break
                 extra += max(8, math.ceil(0.25 * need / 32))
             coder = trial
+            if stage_bits is not None:
+                stage_bits.append(coder.num_bits() - budget - 32 * extra)
             stages.append(len(stage))
             topups.append(extra)
             bar.update(sum(u.h * u.w for u in stage))
