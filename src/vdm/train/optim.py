@@ -1,4 +1,4 @@
-"""AdamW with weight decay on weight matrices and kernels only; the learning rate's warm-up and optional cosine decay."""
+"""AdamW with weight decay on weight matrices and kernels only; the learning rate: warm-up, optional cosine decay."""
 
 from __future__ import annotations
 
