@@ -19,10 +19,11 @@ import time
 import numpy as np
 import torch
 
-from samplers import cpu_name  # bench/samplers.py, beside this script
+from compress import load  # bench/compress.py and bench/samplers.py, beside this script
+from samplers import cpu_name
 from vdm import process
 from vdm.codec import CodingParams, intnet
-from vdm.codec.chain import chain_gammas, make_chain
+from vdm.codec.compressor import coding_chain
 from vdm.codec.container import SPACINGS
 from vdm.data import load_dataset
 from vdm.evaluate import image_losses
@@ -38,15 +39,10 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.model:
-        from vdm.checkpoint import load_model
-        model = load_model(args.model).eval()
-    else:
-        from vdm.pretrained import load_default_model
-        model = load_default_model().eval()
+    model = load(args)
     params = CodingParams(steps=args.steps, spacing=SPACINGS[args.spacing])
-    g = chain_gammas(model, params.steps, params.spacing, *params.spacing_density)
-    chain = make_chain(g, params.grid_bits)
+    chain = coding_chain(model, params)
+    g = chain.gamma
     tiles = load_dataset("photos", "test")
     x = tiles[np.linspace(0, len(tiles) - 1, args.tiles).round().astype(int)]
     f = process.encode(torch.from_numpy(x).double(), model.config.vocab_size).numpy()

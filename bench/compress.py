@@ -142,7 +142,7 @@ def bench_photos(args) -> None:
 
 def bench_tiles(args) -> None:
     from vdm.codec import compress_images, decompress_images, read_header
-    from vdm.codec.chain import chain_gammas
+    from vdm.codec.compressor import coding_chain
     from vdm.evaluate import image_losses
     from vdm.data import load_dataset
     model, params = load(args), params_from(args)
@@ -162,7 +162,7 @@ def bench_tiles(args) -> None:
     c = read_header(data)
     D = x.size
     # −ELBO_T per tile in bits/dim: T stratified draws per tile hit every step of the chain once
-    g = chain_gammas(model, params.steps, params.spacing, *params.spacing_density)
+    g = coding_chain(model, params).gamma
     elbo = image_losses(model, x, time_samples=params.steps, seed=args.seed, batch_size=256, gammas=g).sum(1)
     even = None
     if params.spacing != 0:  # also the evenly spaced chain's (format 4), for comparison
@@ -195,10 +195,12 @@ def stage_table(model, params, x: np.ndarray, c, stage_bits: list[int], gammas: 
     from vdm.codec import tiling
     from vdm.evaluate import image_losses
     C = model.config.channels
-    units = tiling.replay_units(tiling.plan_units([t.shape for t in x], C, params.tile), params.warmup, c.splits)
+    images = list(x)
+    units = tiling.replay_units(tiling.plan_units([t.shape for t in images], C, params.tile), params.warmup,
+                                c.splits)
     elbo_bits = np.zeros(len(units))
     for idx in tiling.shape_groups(units):
-        pieces = np.stack([tiling.extract(list(x), units[j], C) for j in idx])
+        pieces = np.stack([tiling.extract(images, units[j], C) for j in idx])
         bpd = image_losses(model, pieces, time_samples=params.steps, seed=seed, batch_size=256, gammas=gammas,
                            progress=False).sum(1)
         elbo_bits[idx] = bpd * pieces[0].size

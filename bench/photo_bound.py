@@ -1,10 +1,11 @@
 """The model's bound on the whole held-out photos, per photo: the continuous-time negative VLB of every tile.
 
 Cuts each of the 5 held-out test photos into `--tile`-pixel tiles (`vdm.data.tile_image`: every whole tile, flat
-ones included, unlike the test split; the bottom and right remainders are left out) and evaluates each tile's negative VLB in bits per dimension (one draw of t, ε
-and ε₀ per tile; the draws depend only on (seed, tile index), so every model sees the same ones). What a
-bits-back file of the photo approaches as T grows, before the chain's discretisation and the codec's own
-overhead (`bench/compress.py`). With several models, also their paired differences against the first.
+ones included, unlike the test split; the bottom and right remainders are left out) and evaluates each tile's
+negative VLB in bits per dimension (one draw of t, ε and ε₀ per tile; the draws depend only on (seed, tile
+index), so every model sees the same ones). What a bits-back file of the photo approaches as T grows, before the
+chain's discretisation and the codec's own overhead (`bench/compress.py`). With several models, also their
+paired differences against the first.
 
     python bench/photo_bound.py src/vdm/pretrained/compress_v2.safetensors src/vdm/pretrained/compress.safetensors
 """

@@ -145,7 +145,8 @@ def _stage_groups(units: Sequence[tiling.Unit]) -> list[list[int]]:
     return tiling.shape_groups(units)
 
 
-def _chain(model, params: CodingParams) -> Chain:
+def coding_chain(model, params: CodingParams) -> Chain:
+    """The latent chain a file with `params` walks: its T + 1 values of γ (`chain.chain_gammas`) and coefficients."""
     return make_chain(chain_gammas(model, params.steps, params.spacing, *params.spacing_density), params.grid_bits)
 
 
@@ -165,7 +166,7 @@ def compress_images(images: Sequence[np.ndarray], model, params: CodingParams = 
     for im in chw:
         tiling.plane_channels(im.shape[0], C)  # raises for channel counts the model cannot code
     model.eval()
-    chain = _chain(model, params)
+    chain = coding_chain(model, params)
     fp = model_fingerprint(model)[:FINGERPRINT_BYTES]
     key = coding_key(fp, params, infos)
     tiles = tiling.plan_units([im.shape for im in chw], C, params.tile)
@@ -248,7 +249,7 @@ def decompress_images(data: bytes, model, progress: bool = False, threads: int |
         raise CodecFormatError("the stage table does not match the images")
     model.eval()
     try:
-        chain = _chain(model, params)
+        chain = coding_chain(model, params)
     except ValueError as e:  # e.g. forged spacing parameters that collapse the chain's steps
         raise CodecFormatError(f"bad coding parameters ({e})") from None
     key = coding_key(c.fingerprint, params, c.images, c.version)
