@@ -3,7 +3,8 @@
 Times one evaluation of ε̂ for `--units` units of the packaged model's training size (32×32) with the float
 network (`VDM.eps_hat`, float32) and with the exact coding network (`vdm.codec.intnet.CodingNetwork`, what
 `vdm compress` and `vdm decompress` run), median of `--repeats` runs at five noise levels, and splits the coding
-network's time by part (exclusive times: a part's own work, not the parts it calls).
+network's time by part (exclusive times: a part's own work, not the parts it calls). The latents are what the
+codec sees: z_γ = α_γ·x + σ_γ·ε for held-out test tiles x (`--random` for standard normal z instead).
 
     OMP_NUM_THREADS=1 python bench/coding_network.py --threads 1
 """
@@ -11,6 +12,7 @@ network's time by part (exclusive times: a part's own work, not the parts it cal
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from collections import defaultdict
@@ -61,23 +63,30 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--units", type=int, default=8, help="units per evaluation (vdm compress uses 8)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--random", action="store_true", help="standard normal latents instead of noised test tiles")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model = load_default_model().eval()
     net = intnet.CodingNetwork(model)
     rng = np.random.default_rng(0)
     gammas = [-12.0, -8.0, -4.0, 0.0, 4.0]
-    z = rng.standard_normal((args.units, model.config.channels, 32, 32))
-    zt = torch.from_numpy(z).float()
+    zs = [rng.standard_normal((args.units, model.config.channels, 32, 32)) for _ in gammas]
+    if not args.random:
+        from vdm.data import load_dataset
+        tiles = load_dataset("photos", "test")
+        x = tiles[np.linspace(0, len(tiles) - 1, args.units).round().astype(int)]
+        f = 2 * (x.astype(np.float64) + 0.5) / model.config.vocab_size - 1
+        zs = [math.sqrt(1 / (1 + math.exp(g))) * f + math.sqrt(1 / (1 + math.exp(-g))) * e for g, e in zip(gammas, zs)]
+    zts = [torch.from_numpy(z).float() for z in zs]
 
     def float_call():
         with torch.no_grad():
-            for g in gammas:
+            for g, zt in zip(gammas, zts):
                 model.eps_hat(zt, torch.tensor(g))
 
     def coding_call():
         with intnet.exact_arithmetic(args.threads), torch.no_grad():
-            for g in gammas:
+            for g, z in zip(gammas, zs):
                 net.eps(z, g)
 
     def median_seconds(fn) -> float:
@@ -91,7 +100,7 @@ def main() -> None:
 
     f, c = median_seconds(float_call), median_seconds(coding_call)
     print(f"{cpu_name()}, torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), {args.threads} "
-          f"thread(s); {args.units} units of 32×32, per evaluation (median of {args.repeats})")
+          f"thread(s); {args.units} units of 32×32 ({'standard normal' if args.random else 'noised test tiles'}), per evaluation (median of {args.repeats})")
     print(f"float network:  {f * 1e3:.1f} ms\ncoding network: {c * 1e3:.1f} ms ({c / f:.2f}× the float network)\n")
     spent = instrument()
     coding_call()

@@ -99,6 +99,21 @@ def test_round_trip_grey_model_codes_colour_planes_separately():
     np.testing.assert_array_equal(out[0].pixels, images[0])
 
 
+def test_network_gives_the_same_bits_on_any_number_of_threads(model, monkeypatch):
+    """A stage's evaluations run side by side on a thread pool when threads > 1: the same ε̂ bits as one by one
+    (units of mixed sizes, as in the warm-up; more units than one evaluation takes)."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    chain = make_chain(gammas(model, 3), 3)
+    rng = np.random.default_rng(5)
+    groups = [rng.standard_normal((11, 3, 8, 8)), rng.standard_normal((3, 3, 4, 4))]
+    with _Network(model, chain, threads=1) as one, _Network(model, chain, threads=3) as three:
+        assert three.pool is not None
+        for i in (1, 3):
+            for a, b in zip(one(groups, i), three(groups, i), strict=True):
+                assert a.shape == b.shape
+                assert np.array_equal(a.view(np.uint64), b.view(np.uint64))
+
+
 def test_stage_round_trip_restores_the_stack_exactly(model):
     """Decoding a stage pops exactly what encoding pushed: the ANS stack returns to its initial words."""
     chain = make_chain(gammas(model, 2), 3)

@@ -14,7 +14,9 @@ CUDA and the torch version may all differ between encoder and decoder.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import constriction
@@ -120,24 +122,51 @@ class _Network:
     """ε̂ for the units of one stage with the model's exact coding network, EVAL_BATCH units at a time.
 
     Units smaller than the model's training size are evaluated inside their mirror mosaic (`mirror_extend`).
+    With `threads` > 1 the evaluations of a stage run side by side on that many threads, each with one torch
+    thread (the units are independent and every evaluation is exact, so the bits are the same).
     """
 
-    def __init__(self, model, chain: Chain, conditioning: float = 0.0):
+    def __init__(self, model, chain: Chain, conditioning: float = 0.0, threads: int = 1):
         self.net = CodingNetwork(model, model.device)
         self.chain, self.conditioning = chain, conditioning
         self.context = int(model.config.image_size)
+        self.threads = min(threads, os.cpu_count() or 1) if model.device.type == "cpu" else 1
+        self.pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+
+    def __enter__(self) -> _Network:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
 
     @torch.no_grad()
+    def _eval(self, z: np.ndarray, gamma: float, single: bool = False) -> np.ndarray:
+        if single:
+            torch.set_num_threads(1)
+        h, w = z.shape[2], z.shape[3]
+        zt = mirror_extend(torch.from_numpy(z), self.context, self.context)
+        return self.net.eps(zt.numpy(), gamma, self.conditioning)[:, :, :h, :w]
+
     def __call__(self, groups: list[np.ndarray], i: int) -> list[np.ndarray]:
         gamma = float(self.chain.gamma[i])
-        out = []
+        n = sum(len(z) for z in groups)
+        per = max(1, min(EVAL_BATCH, -(-n // self.threads)))  # enough evaluations to keep every thread busy
+        jobs = [(g, j) for g, z in enumerate(groups) for j in range(0, len(z), per)]
+        if self.pool is not None and len(jobs) > 1:
+            saved = torch.get_num_threads()
+            try:
+                parts = list(self.pool.map(lambda job: self._eval(groups[job[0]][job[1]:job[1] + per], gamma, True),
+                                           jobs))
+            finally:
+                torch.set_num_threads(saved)
+        else:
+            parts = [self._eval(groups[g][j:j + per], gamma) for g, j in jobs]
+        out, k = [], 0
         for z in groups:
-            h, w = z.shape[2], z.shape[3]
-            parts = []
-            for j in range(0, len(z), EVAL_BATCH):
-                zt = mirror_extend(torch.from_numpy(z[j:j + EVAL_BATCH]), self.context, self.context)
-                parts.append(self.net.eps(zt.numpy(), gamma, self.conditioning)[:, :, :h, :w])
-            out.append(np.concatenate(parts))
+            m = -(-len(z) // per)
+            out.append(np.concatenate(parts[k:k + m]))
+            k += m
         return out
 
 
@@ -173,12 +202,11 @@ def compress_images(images: Sequence[np.ndarray], model, params: CodingParams = 
     _check_unit_sizes(tiles)
     per_dim = bitsback.deficit_bits_per_dim(chain)
     coder = constriction.stream.stack.AnsCoder(seed_words(0))
-    net = _Network(model, chain, params.conditioning)
     budget = 0  # bits on the stack when the current stage started; the split rule below reads it as it changes
     plan = tiling.WarmupPlan(tiles, params.warmup, lambda u: _headroom(per_dim * C * u.h * u.w) > budget)
     stages, topups, held = [], [], None
     bar = _bar(sum(u.h * u.w for u in tiles), "compressing", progress)
-    with exact_arithmetic(params.threads):
+    with _Network(model, chain, params.conditioning, params.threads) as net, exact_arithmetic(params.threads):
         while True:
             budget, stage, need = coder.num_bits(), [], 0.0
             while True:
@@ -253,13 +281,13 @@ def decompress_images(data: bytes, model, progress: bool = False, threads: int |
     except ValueError as e:  # e.g. forged spacing parameters that collapse the chain's steps
         raise CodecFormatError(f"bad coding parameters ({e})") from None
     key = coding_key(c.fingerprint, params, c.images, c.version)
-    net = _Network(model, chain, params.conditioning)
+    threads = threads or params.threads
     out = [np.zeros(s, dtype=np.uint8) for s in shapes]
     coder = constriction.stream.stack.AnsCoder(c.payload)
     ends = np.cumsum(c.stages)
     bar = _bar(sum(u.h * u.w for u in units), "decompressing", progress)
     try:
-        with exact_arithmetic(threads or params.threads):
+        with _Network(model, chain, params.conditioning, threads) as net, exact_arithmetic(threads):
             for si in range(len(c.stages) - 1, -1, -1):
                 end, size = ends[si], c.stages[si]
                 stage = units[end - size:end]

@@ -55,6 +55,7 @@ SOFTMAX_STEP_LOG2 = -8  # d = max − score on a grid of 2^−8 …
 SOFTMAX_RANGE = 24 * 256  # … up to 24 (e^−24 ≈ 4e−11, treated as 24)
 SOFTMAX_BITS = 15  # softmax weights round(2^15·e^−d)
 V_BITS = 16  # attention values: |v| ≤ 2^16 (per-unit power-of-two scale); 2^15·2^16·(pixels ≤ 2^16) < 2^53
+ATTN_SCORES = 1 << 16  # attention scores computed at a time (any number gives the same bits)
 SPIKES_PER_CONV = 1000  # above one spike per this many inputs, a dense convolution takes the bulk of them
 GN_GROUPS = 32
 GN_EPS = 1e-6
@@ -93,7 +94,7 @@ class QuantLinear:
     + b, float64. `kernel` 3 is a 3×3 convolution with zero padding 1, 1 a 1×1 convolution / dense layer."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, in_steps: np.ndarray, a_max: int,
-                 exact: int, device):
+                 exact: int, device, in_range: bool = False):
         w = _np(weight)
         self.kernel = w.shape[2] if w.ndim == 4 else 1
         w = w.reshape(w.shape[0], w.shape[1], -1)
@@ -117,6 +118,7 @@ class QuantLinear:
         self.scale = torch.from_numpy(scale).to(device)
         self.bias = torch.from_numpy(_np(bias) if bias is not None else np.zeros(len(scale))).to(device)
         self.a_max = a_max
+        self.in_range = in_range  # inputs never exceed ±a_max (the residual stream): no clamping pass
 
     def acc(self, a: torch.Tensor) -> torch.Tensor:
         """The exact integer sums (float64 tensor): a is (B, I, H, W) for kernels, (B, N, I) for dense.
@@ -141,7 +143,8 @@ class QuantLinear:
                 excess = torch.sub(excess, part)
             self._spikes(out, excess)
             return out
-        x = x.clamp(-self.a_max, self.a_max)
+        if not self.in_range:
+            x = x.clamp(-self.a_max, self.a_max)
         if a.dim() == 4:
             B, I, H, W = x.shape
             out = torch.matmul(self.weight, x.reshape(B, I, H * W)).reshape(B, -1, H, W)
@@ -257,7 +260,8 @@ class QuantResBlock:
         self.nin = None
         if blk.nin_shortcut is not None:
             steps = np.full(blk.nin_shortcut.weight.shape[1], 2.0 ** -RES_BITS)
-            self.nin = QuantLinear(blk.nin_shortcut.weight, blk.nin_shortcut.bias, steps, RES_MAX, EXACT64, device)
+            self.nin = QuantLinear(blk.nin_shortcut.weight, blk.nin_shortcut.bias, steps, RES_MAX, EXACT64, device,
+                                   in_range=True)
 
     def __call__(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         h = to_residual(self.conv1(self.norm1(x), cond))
@@ -306,7 +310,7 @@ class QuantAttnBlock:
         factor = factor.to(torch.float32)  # one correctly rounded conversion per unit
         q32, k32 = q.to(torch.float32), k.to(torch.float32)
         out = torch.empty(B, N, C, dtype=torch.float64, device=x.device)
-        for b0, b1, lo, hi in _chunks(B, N, 1 << 16):  # 2^16 scores at a time (cache-sized)
+        for b0, b1, lo, hi in _chunks(B, N, ATTN_SCORES):
             s = torch.matmul(q32[b0:b1, lo:hi], k32[b0:b1].transpose(1, 2))  # exact integers
             d = s.sub_(s.amax(2, keepdim=True)).neg_()  # max − score, in place
             u = d.mul_(factor[b0:b1].view(-1, 1, 1)).round_().clamp_(max=SOFTMAX_RANGE)
