@@ -39,8 +39,9 @@ def register(subparsers) -> None:
                         f"whole tile's bits; 0 = no warm-up (default {d.warmup})")
     p.add_argument("--batch", type=int, default=d.batch, help=f"tiles per network call (default {d.batch})")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's); recorded as the decoder's default. The file "
-                        "decodes to the same pixels with any thread count, CPU or GPU")
+                   help="CPU threads (default: torch's): a stage's network evaluations run side by side, one "
+                        "torch thread each; recorded as the decoder's default. The file decodes to the same pixels "
+                        "with any thread count, CPU or GPU")
     p.add_argument("--conditioning", type=float, default=d.conditioning, metavar="C",
                    help="the network's conditioning input, recorded in the file: 0 (default) for every model but "
                         "augmentation-conditioned ones (official cifar10_aug), where 0 means un-augmented images")
@@ -57,7 +58,8 @@ def register(subparsers) -> None:
     q.add_argument("-o", "--output", required=True, help="directory to write the images into")
     q.add_argument("--force", action="store_true", help="overwrite images that already exist in the directory")
     q.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: the number recorded by the encoder); any gives the same pixels")
+                   help="CPU threads (default: the number recorded by the encoder, at most this machine's cores); "
+                        "any gives the same pixels")
     _model_args(q)
     q.set_defaults(func=decompress_command)
 
