@@ -12,7 +12,6 @@ codec sees: z_γ = α_γ·x + σ_γ·ε for held-out test tiles x (`--random` fo
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 from collections import defaultdict
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from samplers import cpu_name  # bench/samplers.py, beside this script
+from vdm import process
 from vdm.codec import intnet
 from vdm.pretrained import load_default_model
 
@@ -75,8 +75,9 @@ def main() -> None:
         from vdm.data import load_dataset
         tiles = load_dataset("photos", "test")
         x = tiles[np.linspace(0, len(tiles) - 1, args.units).round().astype(int)]
-        f = 2 * (x.astype(np.float64) + 0.5) / model.config.vocab_size - 1
-        zs = [math.sqrt(1 / (1 + math.exp(g))) * f + math.sqrt(1 / (1 + math.exp(-g))) * e for g, e in zip(gammas, zs)]
+        f = process.encode(torch.from_numpy(x).double(), model.config.vocab_size).numpy()
+        alpha_sigma = [process.alpha_sigma(torch.tensor(g, dtype=torch.float64)) for g in gammas]
+        zs = [float(a) * f + float(s) * e for (a, s), e in zip(alpha_sigma, zs)]
     zts = [torch.from_numpy(z).float() for z in zs]
 
     def float_call():
@@ -100,7 +101,8 @@ def main() -> None:
 
     f, c = median_seconds(float_call), median_seconds(coding_call)
     print(f"{cpu_name()}, torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), {args.threads} "
-          f"thread(s); {args.units} units of 32×32 ({'standard normal' if args.random else 'noised test tiles'}), per evaluation (median of {args.repeats})")
+          f"thread(s); {args.units} units of 32×32 ({'standard normal' if args.random else 'noised test tiles'}), "
+          f"per evaluation (median of {args.repeats})")
     print(f"float network:  {f * 1e3:.1f} ms\ncoding network: {c * 1e3:.1f} ms ({c / f:.2f}× the float network)\n")
     spent = instrument()
     coding_call()
