@@ -96,3 +96,17 @@ def test_save_pretrained_and_from_pretrained(tmp_path):
     assert not loaded.training and loaded.config == model.config
     for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_a_model_builds_and_runs_on_the_meta_device():
+    """The benchmarks count FLOPs with shapes only: building a model (its official initialisation included)
+    and running its loss forward and backward on the meta device must work."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"):
+        model = VDM(image_size=8, n_embd=16, n_layer=1, dropout=0.0)
+    x = torch.zeros(1, 3, 8, 8, dtype=torch.uint8, device="meta")
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = model.loss(x)
+        (out["prior"] + out["recon"] + out["diff"]).mean().backward()
+    assert model.score_model.conv_in.weight.is_meta and counter.get_total_flops() > 0

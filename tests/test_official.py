@@ -1,5 +1,6 @@
 """Our model reproduces the official implementation's own outputs (tests/fixtures/official_vdm): to a relative
-1e-9 in float64 (the official outputs were computed in float64), to 1e-5 in float32."""
+1e-9 in float64 (the official outputs were computed in float64), to 1e-5 in float32, on the device under test
+(`pytest --device cuda`; the CPU by default)."""
 
 import math
 
@@ -16,15 +17,21 @@ RTOL = 1e-9
 CASES = ["A", "B"]
 
 
-def nchw(a) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(a)).permute(0, 3, 1, 2).to(torch.float64)
+def nchw(a, device="cpu") -> torch.Tensor:
+    return torch.from_numpy(np.asarray(a)).permute(0, 3, 1, 2).to(device, torch.float64)
 
 
 def nhwc(t: torch.Tensor) -> np.ndarray:
-    return t.detach().permute(0, 2, 3, 1).numpy()
+    return t.detach().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def on(device, a, dtype=torch.float64) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(a)).to(device, dtype)
 
 
 def assert_close(ours, theirs, what, rtol=RTOL):
+    if isinstance(ours, torch.Tensor):
+        ours = ours.detach().cpu()
     ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
     assert ours.shape == theirs.shape, what
     # relative error: elementwise for scalars and per-example values, against the largest magnitude for images
@@ -34,19 +41,20 @@ def assert_close(ours, theirs, what, rtol=RTOL):
 
 
 @pytest.fixture(params=CASES)
-def case(request):
+def case(request, device):
     params, inputs, outputs, meta = load_case(request.param)
     model = from_official(params, meta["config"], image_size=meta["height"], dtype=torch.float64).eval()
-    return model, params, inputs, outputs, meta
+    return model.to(device), params, inputs, outputs, meta
 
 
 @torch.no_grad()
 def test_schedule_matches(case):
     model, _, inputs, out, meta = case
+    dev = model.device
     assert_close(model.gamma(0.0), np.reshape(out["g_0"], ()), "g_0")
     assert_close(model.gamma(1.0), np.reshape(out["g_1"], ()), "g_1")
-    loss = model.loss(torch.from_numpy(inputs["x"]).permute(0, 3, 1, 2), t=torch.from_numpy(inputs["t"]).double(),
-                      eps=nchw(inputs["eps"]), eps_0=nchw(inputs["eps_0"]))
+    loss = model.loss(on(dev, inputs["x"], torch.uint8).permute(0, 3, 1, 2), t=on(dev, inputs["t"]),
+                      eps=nchw(inputs["eps"], dev), eps_0=nchw(inputs["eps_0"], dev))
     assert_close(loss["t"], out["t_used"], "t_used")
     assert_close(model.gamma(loss["t"]), out["g_t"], "g_t")
     T = meta["config"]["sm_n_timesteps"]
@@ -60,15 +68,16 @@ def test_schedule_matches(case):
 @torch.no_grad()
 def test_loss_terms_and_network_match(case):
     model, _, inputs, out, _ = case
-    x = torch.from_numpy(inputs["x"]).permute(0, 3, 1, 2)
-    loss = model.loss(x, t=torch.from_numpy(inputs["t"]).double(), eps=nchw(inputs["eps"]),
-                      eps_0=nchw(inputs["eps_0"]), conditioning=torch.from_numpy(inputs["conditioning"]).double())
+    dev = model.device
+    x = on(dev, inputs["x"], torch.uint8).permute(0, 3, 1, 2)
+    loss = model.loss(x, t=on(dev, inputs["t"]), eps=nchw(inputs["eps"], dev), eps_0=nchw(inputs["eps_0"], dev),
+                      conditioning=on(dev, inputs["conditioning"]))
     assert_close(loss["recon"], out["loss_recon"], "loss_recon")
     assert_close(loss["prior"], out["loss_klz"], "loss_klz")
     assert_close(loss["diff"], out["loss_diff"], "loss_diff")
     assert_close(loss["bpd"], out["bpd"], "bpd")
-    g_t = torch.from_numpy(out["g_t"])
-    z_t = process.sample_z_t(model.encode(x), g_t[:, None, None, None], nchw(inputs["eps"]))
+    g_t = on(dev, out["g_t"])
+    z_t = process.sample_z_t(model.encode(x), g_t[:, None, None, None], nchw(inputs["eps"], dev))
     assert_close(nhwc(z_t), out["z_t"], "z_t")
     assert_close(nhwc(model.eps_hat(z_t, g_t)), out["eps_hat"], "eps_hat")
 
@@ -76,20 +85,22 @@ def test_loss_terms_and_network_match(case):
 @torch.no_grad()
 def test_sampling_step_and_decoder_match(case):
     model, _, inputs, out, _ = case
-    z_s = model.sample_step(nchw(inputs["sample_z_t"]), int(inputs["sample_i"]), int(inputs["sample_T"]),
-                            nchw(inputs["sample_eps"]))
+    dev = model.device
+    z_s = model.sample_step(nchw(inputs["sample_z_t"], dev), int(inputs["sample_i"]), int(inputs["sample_T"]),
+                            nchw(inputs["sample_eps"], dev))
     assert_close(nhwc(z_s), out["sample_z_s"], "sample_z_s")
-    x = nhwc(model.decode(nchw(inputs["generate_z_0"])))
+    x = nhwc(model.decode(nchw(inputs["generate_z_0"], dev)))
     np.testing.assert_array_equal(x, out["generate_x"])
 
 
 @torch.no_grad()
 def test_float32_model_close_to_official(case):
-    _, params, inputs, out, meta = case
-    model = from_official(params, meta["config"]).eval()
-    loss = model.loss(torch.from_numpy(inputs["x"]).permute(0, 3, 1, 2), t=torch.from_numpy(inputs["t"]),
-                      eps=nchw(inputs["eps"]).float(), eps_0=nchw(inputs["eps_0"]).float())
-    np.testing.assert_allclose(loss["bpd"].numpy(), out["bpd"], rtol=1e-5)
+    model64, params, inputs, out, meta = case
+    dev = model64.device
+    model = from_official(params, meta["config"]).eval().to(dev)
+    loss = model.loss(on(dev, inputs["x"], torch.uint8).permute(0, 3, 1, 2), t=on(dev, inputs["t"], torch.float32),
+                      eps=nchw(inputs["eps"], dev).float(), eps_0=nchw(inputs["eps_0"], dev).float())
+    np.testing.assert_allclose(loss["bpd"].cpu().numpy(), out["bpd"], rtol=1e-5)
 
 
 def test_numpy_reference_matches_fixtures(case):

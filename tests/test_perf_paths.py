@@ -48,6 +48,10 @@ def fixed_noise(x: torch.Tensor) -> dict:
                 eps_0=torch.randn(x.shape, generator=g))
 
 
+def on(device, noise: dict) -> dict:
+    return {k: v.to(device) for k, v in noise.items()}
+
+
 def total(out: dict) -> torch.Tensor:
     return (out["prior"] + out["recon"] + out["diff"]).mean()
 
@@ -68,15 +72,16 @@ def test_channels_last_matches_contiguous():
         torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-9, atol=1e-12, msg=name)
 
 
-def test_bf16_autocast_keeps_the_vlb_terms_in_fp32():
+def test_bf16_autocast_keeps_the_vlb_terms_in_fp32(device):
     """Under bfloat16 autocast the network runs in bf16, but the prior and reconstruction terms (and γ) stay
     float32 and are bit-identical; the diffusion term and bpd move by less than 0.1 % (relative)."""
-    model = tiny().eval()
+    model = tiny().eval().to(device)
     x = batch(8)
-    noise = fixed_noise(x)
+    noise = on(device, fixed_noise(x))
+    x = x.to(device)
     with torch.no_grad():
         ref = model.loss(x, **noise)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             low = model.loss(x, **noise)
     for k in ("prior", "recon", "diff", "bpd"):
         assert low[k].dtype == torch.float32, k
@@ -87,11 +92,11 @@ def test_bf16_autocast_keeps_the_vlb_terms_in_fp32():
     assert (low["bpd"] - ref["bpd"]).abs().max() < 1e-3 * ref["bpd"].mean()
 
 
-def test_bf16_autocast_training_step_gives_finite_fp32_gradients():
-    model = tiny(dropout=0.1)
-    x = batch()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = total(model.loss(x, generator=torch.Generator().manual_seed(0)))
+def test_bf16_autocast_training_step_gives_finite_fp32_gradients(device):
+    model = tiny(dropout=0.1).to(device)
+    x = batch().to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        loss = total(model.loss(x, generator=torch.Generator(device).manual_seed(0)))
     loss.backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
@@ -114,11 +119,13 @@ def _compile_fullgraph_loss(model: VDM):
 
 @pytest.mark.parametrize("kw", [dict(), dict(gamma_type="learned_nnet", variance_minimisation=True),
                                 dict(timesteps=10)], ids=["continuous", "variance-min", "discrete"])
-def test_loss_traces_without_graph_breaks_and_same_gradients(kw):
+def test_loss_traces_without_graph_breaks_and_same_gradients(kw, device):
+    """On a GPU this also checks that the loss makes no host synchronisation (one would break the graph)."""
     torch._dynamo.reset()
-    model = tiny(**kw)
+    model = tiny(**kw).to(device)
     x = batch()
-    noise = fixed_noise(x)
+    noise = on(device, fixed_noise(x))
+    x = x.to(device)
     ref = total(model.loss(x, **noise))
     ref.backward()
     ref_grads = [p.grad.clone() for p in model.parameters()]
@@ -148,11 +155,13 @@ def test_sample_step_traces_without_graph_breaks():
 _INDUCTOR_CHECK = """
 import sys, torch
 sys.path.insert(0, {tests!r})
-from test_perf_paths import batch, fixed_noise, tiny, total
+from test_perf_paths import batch, fixed_noise, on, tiny, total
 torch.set_num_threads(1)
-model = tiny(n_layer=1)
+device = torch.device({device!r})
+model = tiny(n_layer=1).to(device)
 x = batch(2)
-noise = fixed_noise(x)
+noise = on(device, fixed_noise(x))
+x = x.to(device)
 ref = total(model.loss(x, **noise))
 ref.backward()
 ref_grads = [p.grad.clone() for p in model.parameters()]
@@ -172,14 +181,16 @@ print("ok")
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("cc") is None,
                     reason="torch.compile's inductor backend needs a C++ compiler on CPU")
-def test_inductor_compiled_network_matches_eager():
+def test_inductor_compiled_network_matches_eager(device):
     """The score network compiled with inductor (as `vdm train` with compile on, and bench/throughput.py
-    --modes compile, do) gives the loss and gradients of eager mode. Runs in a subprocess so that it can be
-    abandoned (skipped) when compilation takes over 45 s, as it can on a busy 2-core machine."""
-    code = _INDUCTOR_CHECK.format(tests=str(Path(__file__).resolve().parent))
+    --modes compile, do) gives the loss and gradients of eager mode on the device under test. Runs in a
+    subprocess so that it can be abandoned (skipped) when compilation takes too long (over 45 s on a CPU, as on
+    a busy 2-core machine; 180 s with Triton on a GPU)."""
+    code = _INDUCTOR_CHECK.format(tests=str(Path(__file__).resolve().parent), device=str(device))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_COMPILE_THREADS": "1"}
+    limit = 45 if device.type == "cpu" else 180
     try:
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=45, env=env)
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=limit, env=env)
     except subprocess.TimeoutExpired:
-        pytest.skip("inductor compilation of a tiny network took over 45 s on this machine (busy?)")
+        pytest.skip(f"inductor compilation of a tiny network took over {limit} s on this machine (busy?)")
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

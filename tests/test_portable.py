@@ -146,15 +146,16 @@ def test_the_coding_network_gives_the_same_bits_for_any_batch_and_thread_count(c
 
 
 # --- end to end -----------------------------------------------------------------------------------------------
-def test_a_file_decodes_exactly_in_another_process_with_other_kernels(tmp_path):
-    """Encode here (2 threads, this machine's best kernels); decode in a process with torch's generic
-    kernels, oneDNN limited to SSE4.1, numpy without AVX2/FMA and one thread. SNR-weighted steps (format 5's
-    spacing), so the decoder rebuilds the spaced chain too."""
+def test_a_file_decodes_exactly_in_another_process_with_other_kernels(tmp_path, device):
+    """Encode here (on the device under test; on the CPU with 2 threads and this machine's best kernels);
+    decode on the CPU in a process with torch's generic kernels, oneDNN limited to SSE4.1, numpy without
+    AVX2/FMA and one thread. SNR-weighted steps (format 5's spacing), so the decoder rebuilds the spaced chain
+    too."""
     img = photo_crop()
     np.save(tmp_path / "crop.npy", img)
     out_file = tmp_path / "crop.vdmc"
     assert vdm_main(["compress", str(tmp_path / "crop.npy"), "-o", str(out_file), "--steps", "6",
-                     "--spacing", "snr", "--threads", "2", "-q"]) == 0
+                     "--spacing", "snr", "--threads", "2", "--device", str(device), "-q"]) == 0
     assert read_header(out_file.read_bytes()).params.spacing == 1
     env = dict(os.environ, **OTHER_MACHINE)
     r = subprocess.run([sys.executable, "-m", "vdm", "decompress", str(out_file), "-o", str(tmp_path / "out"),
@@ -164,14 +165,14 @@ def test_a_file_decodes_exactly_in_another_process_with_other_kernels(tmp_path):
 
 
 @pytest.mark.parametrize("version", [4, 5])
-def test_files_of_every_readable_format_version_keep_decoding(version):
-    """Files written with format versions 4 and 5 (tests/fixtures/codec, made by `vdm compress photo.npy --steps 6`
-    with the packaged model of the time) decode to their photo: any change to the coding arithmetic that would
-    strand existing files fails here."""
+def test_files_of_every_readable_format_version_keep_decoding(version, device):
+    """Files written with format versions 4 and 5 (tests/fixtures/codec, made on a CPU by `vdm compress photo.npy
+    --steps 6` with the packaged model of the time) decode to their photo on the device under test: any change
+    to the coding arithmetic that would strand existing files fails here."""
     from vdm.codec import decompress_images, read_header
     from vdm.pretrained import load_packaged_model
     data = (FIXTURES / f"photo_T6_v{version}.vdmc").read_bytes()
     header = read_header(data)
     assert header.version == version and header.params.spacing == (version >= 5)
-    out = decompress_images(data, load_packaged_model(header.fingerprint))
+    out = decompress_images(data, load_packaged_model(header.fingerprint).to(device))
     np.testing.assert_array_equal(out[0].pixels, np.load(FIXTURES / "photo.npy"))

@@ -3,7 +3,8 @@
 For Gaussian data x ~ N(μ, s²I) (in the encoded scale f) the optimal noise prediction is linear,
 ε̂(z_t) = σ_t(z_t − α_tμ)/v_t with v_t = α_t²s² + σ_t², the marginals are q(z_t) = N(α_tμ, v_t I), and the
 probability-flow ODE is the affine map z_t = α_tμ + √(v_t/v_1)·(z_1 − α_1μ) (the unique increasing map between
-the two Gaussians, per dimension). Everything below is checked against these formulas.
+the two Gaussians, per dimension). Everything below is checked against these formulas; the samplers, the ODE and
+its log-density also on the device under test (`pytest --device cuda`).
 """
 
 import math
@@ -39,24 +40,29 @@ class GaussianData(vdm.VDM):
 
     def flow(self, z_1, gamma):
         """The exact probability-flow solution at γ started from z_1 at γ(1)."""
-        g1 = self.gamma(torch.tensor(1.0, **F64))
+        g1 = self.gamma(torch.tensor(1.0, dtype=torch.float64, device=self.mu.device))
         alpha, alpha_1 = process.alpha_sigma(gamma)[0], process.alpha_sigma(g1)[0]
         return alpha * self.mu + (self.marginal_var(gamma) / self.marginal_var(g1)).sqrt() * (z_1 - alpha_1 * self.mu)
 
 
-def gaussian_model(schedule: str = "fixed_linear") -> GaussianData:
+def gaussian_model(schedule: str = "fixed_linear", device="cpu") -> GaussianData:
     torch.manual_seed(0)
     model = GaussianData(n_embd=8, n_layer=0, image_size=4, channels=1, gamma_type=schedule).double()
     if schedule == "learned_nnet":  # a schedule whose shape is not linear
         with torch.no_grad():
             for p in model.gamma.parameters():
                 p.add_(0.3 * torch.randn_like(p))
-    model.set_data(torch.linspace(-0.5, 0.5, 16, **F64).reshape(1, 1, 4, 4), 0.3)
-    return model
+    model.set_data(torch.linspace(-0.5, 0.5, 16, **F64).reshape(1, 1, 4, 4).to(device), 0.3)
+    return model.to(device)
 
 
-def z_1_of(n=4, seed=1):
-    return torch.randn(n, 1, 4, 4, generator=torch.Generator().manual_seed(seed), **F64)
+def z_1_of(n=4, seed=1, device="cpu"):
+    return torch.randn(n, 1, 4, 4, generator=torch.Generator().manual_seed(seed), **F64).to(device)
+
+
+def at_time(model, t: float) -> torch.Tensor:
+    """γ(t) as a float64 tensor on the model's device."""
+    return model.gamma(torch.tensor(t, dtype=torch.float64, device=model.device))
 
 
 def max_err(a, b) -> float:
@@ -64,11 +70,12 @@ def max_err(a, b) -> float:
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
-def test_ode_sampler_is_the_exact_flow(schedule):
-    model, z_1 = gaussian_model(schedule), z_1_of()
+def test_ode_sampler_is_the_exact_flow(schedule, device):
+    model, z_1 = gaussian_model(schedule, device), z_1_of(device=device)
     with torch.no_grad():
         z_0 = ode(model, z_1, rtol=1e-9, atol=1e-9)
-    assert max_err(z_0, model.flow(z_1, model.gamma(torch.tensor(0.0, **F64)))) < 1e-6
+    assert z_0.device.type == device.type
+    assert max_err(z_0, model.flow(z_1, at_time(model, 0.0))) < 1e-6
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
@@ -82,15 +89,15 @@ def test_lambda_grid_is_uniform_in_log_snr(schedule):
 
 
 def global_errors(sampler, model, z_1, steps):
-    ref = model.flow(z_1, model.gamma(torch.tensor(0.0, **F64)))
+    ref = model.flow(z_1, at_time(model, 0.0))
     with torch.no_grad():
         return [max_err(sampler(model, z_1, lambda_times(model, k)), ref) for k in steps]
 
 
 @pytest.mark.parametrize("schedule", ("fixed_linear", "learned_nnet"))
-def test_ddim_and_dpmpp_2m_converge_at_orders_1_and_2(schedule):
+def test_ddim_and_dpmpp_2m_converge_at_orders_1_and_2(schedule, device):
     """Halving the λ-steps divides DDIM's error at t = 0 by 2 and DPM-Solver++(2M)'s by 4."""
-    model, z_1 = gaussian_model(schedule), z_1_of()
+    model, z_1 = gaussian_model(schedule, device), z_1_of(device=device)
     for sampler, order in ((ddim, 1), (dpmpp_2m, 2)):
         errs = global_errors(sampler, model, z_1, (20, 40, 80))
         observed = np.log2(np.array(errs[:-1]) / np.array(errs[1:]))
@@ -138,7 +145,7 @@ def test_ddim_eta_1_is_the_ancestral_step():
 
 def log_p_ode_closed_form(model, z_0):
     """log p_ODE(z_0) = log N(z_1; 0, I) + (D/2)·log(v_1/v_0) with z_1 the exact flow of z_0 to γ(1)."""
-    g0, g1 = model.gamma(torch.tensor(0.0, **F64)), model.gamma(torch.tensor(1.0, **F64))
+    g0, g1 = at_time(model, 0.0), at_time(model, 1.0)
     v0, v1 = model.marginal_var(g0), model.marginal_var(g1)
     a0, a1 = process.alpha_sigma(g0)[0], process.alpha_sigma(g1)[0]
     z_1 = a1 * model.mu + (v1 / v0).sqrt() * (z_0 - a0 * model.mu)
@@ -147,14 +154,14 @@ def log_p_ode_closed_form(model, z_0):
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
-def test_ode_log_likelihood_is_the_analytic_density(schedule):
+def test_ode_log_likelihood_is_the_analytic_density(schedule, device):
     """Exact trace, and Rademacher probes (exact for the diagonal Jacobian of this ε̂)."""
-    model = gaussian_model(schedule)
-    z_0 = 0.4 * z_1_of(3, seed=2) + model.mu
+    model = gaussian_model(schedule, device)
+    z_0 = 0.4 * z_1_of(3, seed=2, device=device) + model.mu
     expected = log_p_ode_closed_form(model, z_0)
     exact, calls = ode_log_likelihood(model, z_0, rtol=1e-9, atol=1e-9)
     probes = 2.0 * torch.randint(0, 2, (2, 3, 1, 4, 4), generator=torch.Generator().manual_seed(0)) - 1
-    hutch, _ = ode_log_likelihood(model, z_0, probes=probes.double(), rtol=1e-9, atol=1e-9)
+    hutch, _ = ode_log_likelihood(model, z_0, probes=probes.double().to(device), rtol=1e-9, atol=1e-9)
     assert calls > 10
     assert max_err(exact, expected) < 1e-6 and max_err(hutch, expected) < 1e-6
 

@@ -43,7 +43,7 @@ def folder(tmp_path_factory) -> Path:
     return root
 
 
-def tiny_toml(folder: Path) -> str:
+def tiny_toml(folder: Path, device: str = "cpu") -> str:
     return f"""
 [model]
 image_size = 8
@@ -60,6 +60,7 @@ name = "folder"
 root = "{folder.as_posix()}"
 test_images = 16
 [run]
+device = "{device}"
 batch_size = 8
 ema_decay = 0.9
 log_every = 2
@@ -73,9 +74,10 @@ tensorboard = false
 
 
 @pytest.fixture
-def tiny(folder, tmp_path) -> TrainConfig:
+def tiny(folder, tmp_path, device) -> TrainConfig:
+    """The tiny run on the device under test (`pytest --device cuda`; the CPU by default)."""
     path = tmp_path / "tiny.toml"
-    path.write_text(tiny_toml(folder))
+    path.write_text(tiny_toml(folder, str(device)))
     return build_config(None, [str(path)])
 
 
@@ -259,10 +261,10 @@ def test_run_writes_loadable_checkpoints_metrics_and_best(tiny, tmp_path):
         train(apply_overrides(tiny, ["optim.lr=0.5"]), run, resume=True, max_steps=12)
 
 
-def test_sigkill_then_resume_is_bitwise_identical(tiny, folder, tmp_path):
+def test_sigkill_then_resume_is_bitwise_identical(tiny, folder, tmp_path, device):
     steps = 16
     config_file = tmp_path / "tiny.toml"
-    config_file.write_text(tiny_toml(folder))
+    config_file.write_text(tiny_toml(folder, str(device)))
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
         [sys.executable, "-m", "vdm", "train", "--config", str(config_file), "--out", str(killed),
@@ -336,7 +338,7 @@ def test_two_processes_match_one(tiny, folder, tmp_path):
     config_file.write_text(tiny_toml(folder))
     # fp32: under bf16 autocast (the default where bf16 is native) half batches round differently from whole ones
     settings = ["model.dropout=0.0", "data.test_images=0", "optim.eps=1e-3", "data.augment=flip_rot90",
-                "run.precision=fp32"]
+                "run.precision=fp32", "run.device=cpu"]
     overrides = [a for s in settings for a in ("--set", s)]
     two = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",

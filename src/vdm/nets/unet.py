@@ -50,6 +50,8 @@ def lecun_normal_(weight: Tensor) -> Tensor:
     the variance is 1/fan_in (fan_in = in_features, or in_channels·kh·kw for a convolution)."""
     fan_in = weight[0].numel()
     std = math.sqrt(1.0 / fan_in) / 0.87962566103423978  # std of N(0, 1) truncated to [−2, 2]
+    if weight.is_meta:  # shapes only (FLOP counting): no values to draw
+        return weight
     with torch.no_grad():
         flat = weight.view(-1)
         flat.normal_()
