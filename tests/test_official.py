@@ -17,16 +17,16 @@ RTOL = 1e-9
 CASES = ["A", "B"]
 
 
+def on(device, a, dtype=torch.float64) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(a)).to(device, dtype)
+
+
 def nchw(a, device="cpu") -> torch.Tensor:
-    return torch.from_numpy(np.asarray(a)).permute(0, 3, 1, 2).to(device, torch.float64)
+    return on(device, a).permute(0, 3, 1, 2)
 
 
 def nhwc(t: torch.Tensor) -> np.ndarray:
     return t.detach().permute(0, 2, 3, 1).cpu().numpy()
-
-
-def on(device, a, dtype=torch.float64) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(a)).to(device, dtype)
 
 
 def assert_close(ours, theirs, what, rtol=RTOL):
@@ -94,9 +94,9 @@ def test_sampling_step_and_decoder_match(case):
 
 
 @torch.no_grad()
-def test_float32_model_close_to_official(case):
-    model64, params, inputs, out, meta = case
-    dev = model64.device
+def test_float32_model_close_to_official(case, device):
+    _, params, inputs, out, meta = case
+    dev = device
     model = from_official(params, meta["config"]).eval().to(dev)
     loss = model.loss(on(dev, inputs["x"], torch.uint8).permute(0, 3, 1, 2), t=on(dev, inputs["t"], torch.float32),
                       eps=nchw(inputs["eps"], dev).float(), eps_0=nchw(inputs["eps_0"], dev).float())

@@ -40,7 +40,7 @@ class GaussianData(vdm.VDM):
 
     def flow(self, z_1, gamma):
         """The exact probability-flow solution at γ started from z_1 at γ(1)."""
-        g1 = self.gamma(torch.tensor(1.0, dtype=torch.float64, device=self.mu.device))
+        g1 = at_time(self, 1.0)
         alpha, alpha_1 = process.alpha_sigma(gamma)[0], process.alpha_sigma(g1)[0]
         return alpha * self.mu + (self.marginal_var(gamma) / self.marginal_var(g1)).sqrt() * (z_1 - alpha_1 * self.mu)
 

@@ -48,10 +48,10 @@ def fourier_features(z: Tensor, exponents: Sequence[int]) -> Tensor:
 def lecun_normal_(weight: Tensor) -> Tensor:
     """flax's default kernel init `lecun_normal`: a normal truncated at ±2 standard deviations, scaled so that
     the variance is 1/fan_in (fan_in = in_features, or in_channels·kh·kw for a convolution)."""
-    fan_in = weight[0].numel()
-    std = math.sqrt(1.0 / fan_in) / 0.87962566103423978  # std of N(0, 1) truncated to [−2, 2]
     if weight.is_meta:  # shapes only (FLOP counting): no values to draw
         return weight
+    fan_in = weight[0].numel()
+    std = math.sqrt(1.0 / fan_in) / 0.87962566103423978  # std of N(0, 1) truncated to [−2, 2]
     with torch.no_grad():
         flat = weight.view(-1)
         flat.normal_()
