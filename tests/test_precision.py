@@ -109,8 +109,9 @@ def test_ema_update_is_the_closed_form_in_one_foreach_call():
 @pytest.mark.parametrize("flags, precision, expected", [(AVX2, "fp32", "winograd"), (AVX512, "fp32", "direct"),
                                                         (AVX512_BF16, "fp32", "direct"), (AVX2, "bf16", "direct"),
                                                         (GRAVITON3, "fp32", "direct")])
-def test_auto_conv_algorithm_takes_winograd_only_for_fp32_on_avx2_without_avx512(flags, precision, expected):
+def test_auto_conv_algorithm_takes_winograd_only_for_fp32_on_one_avx2_thread(flags, precision, expected):
     assert P.choose_conv_algorithm("auto", "cpu", precision, cpu_flags=flags) == expected
+    assert P.choose_conv_algorithm("auto", "cpu", precision, cpu_flags=flags, threads=2) == "direct"
     assert P.choose_conv_algorithm("auto", "cuda", precision, cpu_flags=flags) == "direct"
     assert P.choose_conv_algorithm("auto", "cpu", precision, cpu_flags=flags, nnpack=False) == "direct"
     assert P.choose_conv_algorithm("direct", "cpu", precision, cpu_flags=flags) == "direct"

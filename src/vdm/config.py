@@ -94,7 +94,7 @@ class RunConfig:
     max_nonfinite: int = 20  # stop after this many consecutive non-finite losses
     device: str = "auto"  # "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1", ...
     precision: str = "auto"  # "auto" (bf16 autocast where the hardware has native bf16, else fp32), "bf16", "fp32"
-    conv_algorithm: str = "auto"  # 3×3 convs in training: auto (Winograd on AVX2 CPUs w/o AVX-512), winograd, direct
+    conv_algorithm: str = "auto"  # 3×3 convs in training: auto (Winograd on one thread of an AVX2 CPU w/o AVX-512), winograd, direct
     compile: bool = False  # torch.compile the score network
     init_from: str | None = None  # start from this model file's weights (same architecture) instead of random ones
     progress: bool = True  # tqdm progress bar

@@ -120,26 +120,31 @@ CONV_ALGORITHMS = ("auto", "winograd", "direct")
 
 
 def choose_conv_algorithm(requested: str, device_type: str, precision: str, *,
-                          cpu_flags: frozenset[str] | set[str] = frozenset(), nnpack: bool = True) -> str:
+                          cpu_flags: frozenset[str] | set[str] = frozenset(), nnpack: bool = True,
+                          threads: int = 1) -> str:
     """"winograd" or "direct" for the 3×3 convolutions of a training step (see `vdm.nets.winograd`). "auto"
-    takes Winograd (NNPACK) for fp32 on a CPU with AVX2 but no AVX-512 — there it beats oneDNN's direct
-    convolution by 10–15 % per layer — and direct convolution everywhere else. Pure: reads no hardware."""
+    takes Winograd (NNPACK) for fp32 on one thread of a CPU with AVX2 but no AVX-512 — there it beats oneDNN's
+    direct convolution (0.55 against 0.42 images/s for the CIFAR-10 step on a quiet AVX2 core) — and direct
+    convolution everywhere else, including several threads (on 2 AVX2 cores: 0.72 against 0.81 images/s,
+    NNPACK scaling worse than oneDNN; bench/README.md). Pure: reads no hardware."""
     if requested not in CONV_ALGORITHMS:
         raise ValueError(f"conv algorithm must be one of {', '.join(CONV_ALGORITHMS)}, got {requested!r}")
     eligible = device_type == "cpu" and precision == "fp32" and nnpack
     if requested == "auto":
         flags = set(cpu_flags)
-        return "winograd" if eligible and "avx2" in flags and "avx512f" not in flags else "direct"
+        avx2_only = "avx2" in flags and "avx512f" not in flags
+        return "winograd" if eligible and avx2_only and threads == 1 else "direct"
     return "winograd" if requested == "winograd" and eligible else "direct"
 
 
 def resolve_conv_algorithm(requested: str, device: torch.device | str, precision: str) -> str:
-    """`choose_conv_algorithm` for this machine's `device`."""
+    """`choose_conv_algorithm` for this machine's `device` and torch's current CPU thread count."""
     from vdm.nets import winograd
 
     device = torch.device(device)
     return choose_conv_algorithm(requested, device.type, precision, nnpack=winograd.available(),
-                                 cpu_flags=cpu_flags() if device.type == "cpu" else frozenset())
+                                 cpu_flags=cpu_flags() if device.type == "cpu" else frozenset(),
+                                 threads=torch.get_num_threads())
 
 
 def autocast(precision: str, device: torch.device | str):
