@@ -1,5 +1,6 @@
-"""How smooth is the packaged model's probability flow? Self-convergence of DDIM and DPM-Solver++(2M) as the
-number of steps doubles, in float32 and float64, and the per-step error of a 10-step run.
+"""How smooth is a model's probability flow (default: the packaged sampling model)? Self-convergence of DDIM
+and DPM-Solver++(2M) as the number of steps doubles, in float32 and float64, and the per-step error of a
+10-step run.
 
 A solver of order p on a smooth flow shrinks the difference between K and 2K steps by 2^p per doubling. Printed:
 RMS differences (grey levels, 0–255 scale, of z/α at t = 0, before rounding) between K and 2K steps on a λ-uniform
@@ -27,7 +28,7 @@ from torchdiffeq import odeint
 from vdm import process
 from vdm import sampling as S
 from vdm.checkpoint import load_model
-from vdm.pretrained import DEFAULT_MODEL, PRETRAINED_DIR
+from vdm.pretrained import PRETRAINED_DIR, SAMPLING_MODEL
 
 
 def rms(a, b, alpha: float = 1.0) -> float:
@@ -36,7 +37,7 @@ def rms(a, b, alpha: float = 1.0) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=str(PRETRAINED_DIR / DEFAULT_MODEL))
+    p.add_argument("--model", default=str(PRETRAINED_DIR / SAMPLING_MODEL))
     p.add_argument("--samples", type=int, default=2)
     p.add_argument("--steps", type=int, nargs="+", default=[50, 100, 200, 400])
     p.add_argument("--sensitivity", action="store_true", help="perturb z_1 instead (see above)")

@@ -1,7 +1,7 @@
 """Time grids for 10-call DDIM and DPM-Solver++(2M): RMSE to the converged probability-flow ODE, per grid.
 
-With the packaged model (or --model), draws `--samples` starting latents z_1 (image i from the generator of
-(0, `--first` + i), as `vdm sample --seed 0` does) and compares, on several families of time grids with
+With the packaged sampling model (or --model), draws `--samples` starting latents z_1 (image i from the
+generator of (0, `--first` + i), as `vdm sample --seed 0` does) and compares, on several families of time grids with
 `--steps` network calls, the decoded images of DDIM (η = 0) and DPM-Solver++(2M) — the latter also with a
 first-order last step ("lower order final") — with the decoded ODE solution at rtol = atol = `--ref-tol`.
 
@@ -29,7 +29,7 @@ import torch
 
 from vdm import sampling as S
 from vdm.checkpoint import load_model
-from vdm.pretrained import DEFAULT_MODEL, PRETRAINED_DIR
+from vdm.pretrained import PRETRAINED_DIR, SAMPLING_MODEL
 
 FAMILIES = ("lambda", "t", "karras", "geom", "trunc")
 
@@ -66,7 +66,7 @@ def rmse(a, b) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=str(PRETRAINED_DIR / DEFAULT_MODEL))
+    p.add_argument("--model", default=str(PRETRAINED_DIR / SAMPLING_MODEL))
     p.add_argument("--first", type=int, default=1000, help="index of the first latent (generator (0, first + i))")
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--steps", type=int, default=10)

@@ -1,7 +1,7 @@
 """Fast samplers against the converged probability-flow ODE, and the ODE bound against the VLB.
 
-Part `samplers`: with the packaged model (or --model), draws `--samples` starting latents z_1 (image i from the
-generator of (seed, i), as `vdm sample` does) and runs every sampler from the same z_1: DDIM (η = 0),
+Part `samplers`: with the packaged sampling model (or --model), draws `--samples` starting latents z_1 (image i
+from the generator of (seed, i), as `vdm sample` does) and runs every sampler from the same z_1: DDIM (η = 0),
 DPM-Solver++(2M) and (3M) at 5/10/20/50 network calls (grid uniform in λ, their default), ancestral at 100
 and 1000 (grid uniform in t; 1000 steps on the first `--ancestral-1000-samples` images only, to bound the run
 time), and the ODE at looser tolerances. Prints the pixel RMSE (grey levels 0–255, over all sub-pixels of the
@@ -25,11 +25,11 @@ import numpy as np
 import torch
 
 from vdm.checkpoint import load_model
-from vdm.pretrained import DEFAULT_MODEL, PRETRAINED_DIR
+from vdm.pretrained import PRETRAINED_DIR, SAMPLING_MODEL
 from vdm.sampling import (DEFAULT_GRID, count_network_calls, generate, image_generators, prior_latent,
                           time_grid)
 
-PACKAGED = str(PRETRAINED_DIR / DEFAULT_MODEL)
+PACKAGED = str(PRETRAINED_DIR / SAMPLING_MODEL)
 
 
 def cpu_name() -> str:

@@ -527,7 +527,7 @@ def test_cli_errors_exit_nonzero_without_traceback(tmp_path, capsys, packed):
 def test_missing_packaged_model_gives_a_clear_error(monkeypatch, tmp_path):
     import vdm.pretrained as pre
     monkeypatch.setattr(pre, "PRETRAINED_DIR", tmp_path)
-    with pytest.raises(pre.PretrainedMissingError, match="vdm train --preset compress"):
+    with pytest.raises(pre.PretrainedMissingError, match="docs/pretrained/README.md"):
         pre.default_model_path()
 
 
@@ -540,6 +540,7 @@ def test_decompress_finds_the_packaged_model_that_made_the_file(monkeypatch, tmp
     save_model(tiny(1), packaged / "compress_v1.safetensors")
     save_model(tiny(2), packaged / "compress.safetensors")
     save_model(tiny(3), tmp_path / "elsewhere.safetensors")
+    save_model(tiny(4), packaged / pre.SAMPLING_MODEL)  # packaged, but not a compression model
     monkeypatch.setattr(pre, "PRETRAINED_DIR", packaged)
     assert [p.name for p in pre.packaged_models()] == ["compress.safetensors", "compress_v1.safetensors"]
     img = np.random.default_rng(5).integers(0, 256, (5, 7, 3), dtype=np.uint8)

@@ -158,6 +158,23 @@ def test_cli_sample_writes_grid_and_npz(tmp_path, model_file):
     assert not (tmp_path / "a.partial").exists()
 
 
+def test_cli_sample_without_a_model_uses_the_packaged_sampling_model(tmp_path, model_file, monkeypatch, capsys):
+    import vdm.pretrained as pre
+    monkeypatch.setattr(pre, "PRETRAINED_DIR", tmp_path / "pretrained")
+    args = ["sample", "-n", "5", "--seed", "1", "--steps", "4", "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "x.png")]) == 2  # not there: one line naming the file
+    err = capsys.readouterr().err
+    assert "sample.safetensors is missing" in err and "Traceback" not in err and not (tmp_path / "x.png").exists()
+    (tmp_path / "pretrained").mkdir()
+    model_file.rename(tmp_path / "pretrained" / pre.SAMPLING_MODEL)
+    assert main([*args, "--out", str(tmp_path / "a.png")]) == 0
+    a = load_npz(tmp_path / "a.npz")
+    model = vdm.checkpoint.load_model(tmp_path / "pretrained" / pre.SAMPLING_MODEL)
+    gens = image_generators(1, range(5))
+    np.testing.assert_array_equal(a, ancestral_sample(model, prior_latent(model, 5, generator=gens), 4,
+                                                      generator=gens).numpy())
+
+
 def test_cli_sample_image_size_and_nrow(tmp_path, model_file):
     a = run_sample(model_file, tmp_path / "a.png", 0, "--image-size", "12", "--nrow", "5")
     assert a.shape == (5, 3, 12, 12)

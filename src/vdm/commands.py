@@ -30,8 +30,13 @@ def _fail(msg: str) -> int:
     return 2
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("target", metavar="RUN_OR_CHECKPOINT", help=TARGET_HELP)
+def _add_common(p: argparse.ArgumentParser, optional_help: str | None = None) -> None:
+    """The model argument and --device; with `optional_help` the model may be left out (what then is used)."""
+    if optional_help is None:
+        p.add_argument("target", metavar="RUN_OR_CHECKPOINT", help=TARGET_HELP)
+    else:
+        p.add_argument("target", metavar="RUN_OR_CHECKPOINT", nargs="?", default=None,
+                       help=f"{TARGET_HELP}; {optional_help}")
     p.add_argument("--device", default="auto", help="torch device: cpu, cuda, cuda:1, … (default: auto, CUDA when "
                    "available)")
 
@@ -73,6 +78,14 @@ def _load(target: str, device: str):
     try:
         return load_model(target, map_location=_device(device))
     except CheckpointError as e:
+        raise CommandError(str(e)) from None
+
+
+def _packaged_sampling_model() -> str:
+    from vdm.pretrained import SAMPLING_MODEL, PretrainedMissingError, default_model_path
+    try:
+        return str(default_model_path(SAMPLING_MODEL))
+    except PretrainedMissingError as e:
         raise CommandError(str(e)) from None
 
 
@@ -245,7 +258,7 @@ def _register_sample(sub) -> None:
                     "ddim (η = 0 deterministic, η = 1 ancestral moments), dpmpp-2m and dpmpp-3m (DPM-Solver++ "
                     "multistep, 10–20 network calls), ode (adaptive dopri5 on the probability-flow ODE, "
                     "--rtol/--atol). Each of the K step samplers makes exactly K network calls per image.")
-    _add_common(p)
+    _add_common(p, optional_help="default: the packaged sampling model (32×32 RGB, trained on photo crops)")
     p.add_argument("--sampler", choices=SAMPLER_NAMES, default="ancestral",
                    help="sampling method (default: %(default)s)")
     p.add_argument("--steps", type=int, default=None, metavar="K",
@@ -300,7 +313,7 @@ def cmd_sample(args) -> int:
     if out.suffix.lower() != ".png":
         raise CommandError(f"--out must name a .png file, got {out}")
     settings = sample_settings(args)
-    model = _load(args.target, args.device)
+    model = _load(args.target or _packaged_sampling_model(), args.device)
     try:
         images = sample_to_files(model, out, args.num, batch=args.batch, settings=settings, nrow=args.nrow)
     except ResumeError as e:

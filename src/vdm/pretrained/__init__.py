@@ -2,7 +2,9 @@
 
 `vdm compress` uses the newest (`DEFAULT_MODEL`) when --model is not given; `vdm decompress` finds, among all
 packaged models, the one whose fingerprint the file records, so files made with an earlier packaged model keep
-decoding after a newer one becomes the default.
+decoding after a newer one becomes the default. `SAMPLING_MODEL` is a model of the same size trained for
+sampling (no Fourier features, so its probability flow is smooth enough for few-step solvers); it is not a
+compression model and `vdm decompress` never looks at it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from vdm.checkpoint import CheckpointError, load_model
 
 PRETRAINED_DIR = Path(__file__).resolve().parent
 DEFAULT_MODEL = "compress.safetensors"
+SAMPLING_MODEL = "sample.safetensors"
 
 
 class PretrainedMissingError(CheckpointError):
@@ -25,8 +28,8 @@ def default_model_path(name: str = DEFAULT_MODEL) -> Path:
     path = PRETRAINED_DIR / name
     if not path.is_file():
         raise PretrainedMissingError(
-            f"the packaged model {path} is missing: train one with `vdm train --preset compress` and copy its "
-            f"ema.safetensors there, or pass --model RUN_OR_CHECKPOINT")
+            f"the packaged model {path} is missing: train one as docs/pretrained/README.md says and copy its "
+            f"ema.safetensors there, or name another model (a model file, checkpoint or run folder)")
     return path
 
 
@@ -36,8 +39,8 @@ def load_default_model(map_location="cpu"):
 
 
 def packaged_models() -> list[Path]:
-    """Every packaged model file, the default first."""
-    files = sorted(PRETRAINED_DIR.glob("*.safetensors"))
+    """Every packaged compression model file (`compress*.safetensors`), the default first."""
+    files = sorted(PRETRAINED_DIR.glob("compress*.safetensors"))
     return sorted(files, key=lambda p: p.name != DEFAULT_MODEL)
 
 
