@@ -124,6 +124,24 @@ def test_dpmpp_update_has_local_error_h_to_the_order_plus_one(order):
     assert abs(math.log2(ratio) - (order + 1)) < 0.2, ratio
 
 
+def test_dpmpp_2m_update_is_algorithm_2_of_the_paper():
+    """The second-order update is Lu et al.'s algorithm 2, written here in the paper's own variables: with
+    h_i = λ_i − λ_{i−1}, r_i = h_{i−1}/h_i and D_i = (1 + 1/(2r_i))·x̂_{i−1} − 1/(2r_i)·x̂_{i−2},
+    x̃_i = (σ_i/σ_{i−1})·x̃_{i−1} − α_i·(e^{−h_i} − 1)·D_i — not the Taylor-expansion variant, which differs at
+    O(h³) and had 1.4× the 10-step error on a trained model."""
+    g = [torch.tensor(v, **F64) for v in (1.2, 0.3, -0.9)]  # γ at t_{i−2}, t_{i−1}, t_i
+    lam = [-v / 2 for v in g]
+    x_prev2, x_prev1, z_prev = (torch.tensor(v, **F64) for v in (0.3, -0.2, 0.7))
+    h, h_prev = lam[2] - lam[1], lam[1] - lam[0]
+    r = h_prev / h
+    D = (1 + 1 / (2 * r)) * x_prev1 - 1 / (2 * r) * x_prev2
+    sigma = [torch.sqrt(torch.sigmoid(v)) for v in g]
+    alpha = [torch.sqrt(torch.sigmoid(-v)) for v in g]
+    expected = sigma[2] / sigma[1] * z_prev - alpha[2] * (torch.exp(-h) - 1) * D
+    got = _dpmpp_update(z_prev, [x_prev2, x_prev1], lam[:2], g[1], g[2])
+    assert abs(float(got - expected)) < 1e-14
+
+
 def test_dpmpp_3m_beats_2m():
     """Globally the third-order multistep is far closer to the flow than the second-order one (its first two
     steps, of orders 1 and 2 as in Lu et al., leave an h² term with a small coefficient)."""

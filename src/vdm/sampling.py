@@ -164,28 +164,32 @@ def ddim(model: VDM, z_1: Tensor, times: Sequence[float], *, eta: float = 0.0, g
 
 def _dpmpp_update(z_t: Tensor, x_hats: list[Tensor], lams: list[Tensor], gamma_t: Tensor, gamma_s: Tensor
                   ) -> Tensor:
-    """One DPM-Solver++ multistep update t → s (Lu et al. 2022, "DPM-Solver++", algorithm 2 and its
-    third-order form), of order len(x_hats) ∈ {1, 2, 3}.
+    """One DPM-Solver++ multistep update t → s (Lu et al. 2022, "DPM-Solver++"), of order len(x_hats) ∈
+    {1, 2, 3}: the data predictions `x_hats` (newest last) were made at the log-SNRs `lams` (λ_t last).
 
-    z_s = (σ_s/σ_t) z_t + σ_s ∫_{λ_t}^{λ_s} e^λ x̂(λ) dλ with x̂ replaced by its Taylor polynomial around λ_t,
-    whose derivatives are divided differences of the data predictions `x_hats` (newest last) made at the
-    log-SNRs `lams` (λ_t last). With h = λ_s − λ_t: ∫ terms are −α_s·φ₁·x̂ + α_s·h·φ₂·x̂' − α_s·h²·φ₃·x̂'',
-    φ₁ = expm1(−h), φ₂ = φ₁/h + 1, φ₃ = φ₂/h − ½.
+    Exactly, z_s = (σ_s/σ_t) z_t + σ_s ∫_{λ_t}^{λ_s} e^λ x̂(λ) dλ; with h = λ_s − λ_t and φ₁ = expm1(−h):
+    - order 1 (DDIM): x̂ constant, z_s = (σ_s/σ_t) z_t − α_s·φ₁·x̂_t;
+    - order 2, the paper's algorithm 2: x̂ replaced by D = (1 + 1/(2r))·x̂_t − 1/(2r)·x̂_{t−1}, r = h₀/h with
+      h₀ = λ_t − λ_{t−1} — the linear extrapolation of the last two predictions to the midpoint λ_t + h/2;
+    - order 3: x̂ replaced by its Taylor polynomial around λ_t, derivatives from divided differences, the
+      integral exact: −α_s·φ₁·x̂ + α_s·h·φ₂·x̂' − α_s·h²·φ₃·x̂'' with φ₂ = φ₁/h + 1, φ₃ = φ₂/h − ½ (the
+      third-order multistep of the DPM-Solver++ reference implementation).
     """
     alpha_s, sigma_s = process.alpha_sigma(gamma_s)
     _, sigma_t = process.alpha_sigma(gamma_t)
     h = process.log_snr(gamma_s) - lams[-1]
     phi_1 = torch.expm1(-h)
+    h_0 = lams[-1] - lams[-2] if len(x_hats) > 1 else None
+    if len(x_hats) == 2:
+        d = x_hats[-1] + (0.5 * h / h_0) * (x_hats[-1] - x_hats[-2])  # 1/(2r) = h/(2h₀)
+        return (sigma_s / sigma_t) * z_t - alpha_s * phi_1 * d
     z_s = (sigma_s / sigma_t) * z_t - alpha_s * phi_1 * x_hats[-1]
     if len(x_hats) == 1:
         return z_s
     phi_2 = phi_1 / h + 1
-    h_0 = lams[-1] - lams[-2]
-    d1_0 = (x_hats[-1] - x_hats[-2]) / h_0  # x̂' at the midpoint of [λ_{t−1}, λ_t]
-    if len(x_hats) == 2:
-        return z_s + alpha_s * h * phi_2 * d1_0
     phi_3 = phi_2 / h - 0.5
     h_1 = lams[-2] - lams[-3]
+    d1_0 = (x_hats[-1] - x_hats[-2]) / h_0  # x̂' at the midpoint of [λ_{t−1}, λ_t]
     d1_1 = (x_hats[-2] - x_hats[-3]) / h_1
     d2 = (d1_0 - d1_1) / (0.5 * (h_0 + h_1))  # x̂''
     d1 = d1_0 + 0.5 * h_0 * d2  # x̂' at λ_t
