@@ -37,6 +37,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -146,9 +147,11 @@ def images(preset: dict, batch: int, device: torch.device, seed: int = 0) -> tor
 
 
 def step_function(model: VDM, x: torch.Tensor, pass_: str, precision: str, conv: str = "direct",
-                  ema_decay: float = 0.9999) -> Callable[[], object]:
+                  ema_decay: float = 0.9999, split: int = 1) -> Callable[[], object]:
     """A closure running one training step (or one evaluation pass) on the fixed batch `x`; `precision` "fp32"
-    or "bf16", `conv` "direct" or "winograd"."""
+    or "bf16", `conv` "direct" or "winograd". With `split` K > 1 a training step's forward and backward run as
+    K parts of the batch side by side on K Python threads (each part's operations on the thread that runs it,
+    with torch's own thread count as set, e.g. 1), their gradients summed in a fixed order."""
     device_type = x.device.type
 
     def autocast():
@@ -169,13 +172,29 @@ def step_function(model: VDM, x: torch.Tensor, pass_: str, precision: str, conv:
     optimizer = make_optimizer(model, OptimConfig())  # as `vdm train`: AdamW lr 2e-4, β (0.9, 0.99), decay 0.01
     ema = EMA(model, ema_decay)
     step = [0]
+    params = [p for p in model.parameters() if p.requires_grad]
+    parts = x.chunk(split)
+    pool = ThreadPoolExecutor(split) if split > 1 else None
+
+    def part_gradients(xp: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        with autocast():
+            out = model.loss(xp)
+            loss = (out["prior"] + out["recon"] + out["diff"]).float().sum() / len(x)
+        return loss, torch.autograd.grad(loss, params, allow_unused=True)
 
     def run():
-        with autocast():
-            out = model.loss(x)
-            loss = (out["prior"] + out["recon"] + out["diff"]).float().mean()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if pool is None:
+            with autocast():
+                out = model.loss(x)
+                loss = (out["prior"] + out["recon"] + out["diff"]).float().mean()
+            loss.backward()
+        else:
+            results = list(pool.map(part_gradients, parts))
+            loss = sum(r[0].detach() for r in results)
+            for i, p in enumerate(params):
+                grads = [r[1][i] for r in results if r[1][i] is not None]
+                p.grad = torch.stack(grads).sum(0) if grads else None
         optimizer.step()
         ema.update(model, step[0])
         step[0] += 1
@@ -188,11 +207,15 @@ def measure_row(network: str, pass_: str, precision: str, conv: str, mode: str, 
     """One row: images/s of the pass, achieved FLOP/s, and the matmul peak timed just before it; `precision`
     and `conv` resolved ("fp32"/"bf16", "direct"/"winograd")."""
     device = torch.device(args.device)
+    threads = torch.get_num_threads()
+    split = args.split if pass_ == "train" else 1
+    torch.set_num_threads(threads * split)  # the peak with every thread the row uses
     peak = matmul_peak(args.matmul_size, precision, device)
+    torch.set_num_threads(threads)
     preset = PRESETS[network]
     model = build(preset, device, mode, args.channels_last, compile_mode=args.compile_mode)
     x = images(preset, batch, device)
-    fn = step_function(model, x, pass_, precision, conv)
+    fn = step_function(model, x, pass_, precision, conv, split=split)
     t_compile = time.perf_counter()
     fn()  # first call: compiles in "compile" mode
     _sync(device)
@@ -203,8 +226,8 @@ def measure_row(network: str, pass_: str, precision: str, conv: str, mode: str, 
     return dict(network=network, **{"pass": pass_}, precision=precision, conv=conv, mode=mode, batch=batch,
                 channels_last=args.channels_last, images_per_s=ips, seconds_per_step=sec,
                 first_call_s=t_compile, flops_per_image=flops_per_image, flops_per_s=achieved,
-                matmul_peak_flops_per_s=peak, fraction_of_peak=achieved / peak, clock=args.clock, threads=torch.get_num_threads(),
-                load_avg_1min=_load())
+                matmul_peak_flops_per_s=peak, fraction_of_peak=achieved / peak, clock=args.clock, threads=threads * split,
+                split=split, load_avg_1min=_load())
 
 
 # --- reporting ----------------------------------------------------------------------------------------------
@@ -232,7 +255,8 @@ def machine_info(device: torch.device) -> dict:
 
 
 def print_row(r: dict) -> None:
-    print(f"{r['network']:8s} {r['pass']:5s} {r['precision']:4s} {r['conv']:8s} {r['mode']:7s} B={r['batch']:<4d} "
+    split = f" split {r['split']}" if r.get("split", 1) > 1 else ""
+    print(f"{r['network']:8s} {r['pass']:5s} {r['precision']:4s} {r['conv']:8s} {r['mode']:7s} B={r['batch']:<4d}{split} "
           f"{r['images_per_s']:9.2f} img/s  {r['flops_per_s'] / 1e9:8.1f} GFLOP/s  "
           f"peak {r['matmul_peak_flops_per_s'] / 1e9:8.1f}  {100 * r['fraction_of_peak']:5.1f}% of peak  "
           f"(first call {r['first_call_s']:.1f} s, load {r['load_avg_1min']:.2f})", flush=True)
@@ -286,6 +310,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run the network in channels-last memory format")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: torch's choice; --quick on CPU: 1)")
+    p.add_argument("--split", type=int, default=1, metavar="K",
+                   help="training rows: run the batch as K parts side by side on K threads, each with --threads "
+                        "torch threads, gradients summed (default 1: one part); the peak is timed with K·threads")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:k]")
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                    help="wall-clock time (default) or process CPU time per thread (steadier on a busy machine)")
@@ -297,6 +324,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "is timed; --quick: 15)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args(argv)
+    if args.split < 1 or (args.split > 1 and args.clock == "cpu"):
+        p.error("--split must be at least 1, and a split step is timed on the wall clock (--clock wall)")
     args.iters = args.iters or (3 if args.quick else 5)
     args.warmup = 1 if args.warmup is None else args.warmup
     if args.quick:
