@@ -144,13 +144,13 @@ def run_sample(model_file, out, seed, *extra, steps=4):
 
 
 def test_cli_sample_writes_grid_and_npz(tmp_path, model_file):
-    a = run_sample(model_file, tmp_path / "a.png", 1)
+    a = run_sample(model_file, tmp_path / "a.png", 1, "--sampler", "ancestral")
     assert a.dtype == np.uint8 and a.shape == (5, 3, 8, 8)
     with Image.open(tmp_path / "a.png") as im:  # ⌈√5⌉ = 3 a row, 2 rows, 2-pixel padding
         assert im.mode == "RGB" and im.size == (3 * 10 + 2, 2 * 10 + 2)
         np.testing.assert_array_equal(np.asarray(im)[2:10, 12:20], a[1].transpose(1, 2, 0))
-    np.testing.assert_array_equal(a, run_sample(model_file, tmp_path / "b.png", 1))
-    assert not np.array_equal(a, run_sample(model_file, tmp_path / "c.png", 2))
+    np.testing.assert_array_equal(a, run_sample(model_file, tmp_path / "b.png", 1, "--sampler", "ancestral"))
+    assert not np.array_equal(a, run_sample(model_file, tmp_path / "c.png", 2, "--sampler", "ancestral"))
     model = vdm.checkpoint.load_model(model_file)
     gens = image_generators(1, range(5))
     z_1 = prior_latent(model, 5, generator=gens)
@@ -161,7 +161,7 @@ def test_cli_sample_writes_grid_and_npz(tmp_path, model_file):
 def test_cli_sample_without_a_model_uses_the_packaged_sampling_model(tmp_path, model_file, monkeypatch, capsys):
     import vdm.pretrained as pre
     monkeypatch.setattr(pre, "PRETRAINED_DIR", tmp_path / "pretrained")
-    args = ["sample", "-n", "5", "--seed", "1", "--steps", "4", "--device", "cpu"]
+    args = ["sample", "-n", "5", "--seed", "1", "--steps", "4", "--device", "cpu", "--sampler", "ancestral"]
     assert main([*args, "--out", str(tmp_path / "x.png")]) == 2  # not there: one line naming the file
     err = capsys.readouterr().err
     assert "sample.safetensors is missing" in err and "Traceback" not in err and not (tmp_path / "x.png").exists()
@@ -173,6 +173,19 @@ def test_cli_sample_without_a_model_uses_the_packaged_sampling_model(tmp_path, m
     gens = image_generators(1, range(5))
     np.testing.assert_array_equal(a, ancestral_sample(model, prior_latent(model, 5, generator=gens), 4,
                                                       generator=gens).numpy())
+
+
+def test_cli_sample_default_is_20_calls_of_dpmpp_2m(tmp_path, model_file, monkeypatch):
+    import vdm.sampling as sampling
+    seen = []
+    real = sampling.sample_images
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(sampling, "sample_images", spy)
+    assert main(["sample", str(model_file), "-n", "2", "--out", str(tmp_path / "a.png"), "--device", "cpu"]) == 0
+    assert seen and all(k["sampler"] == "dpmpp-2m" and k["steps"] == 20 and k["grid"] == "lambda" for k in seen)
 
 
 def test_cli_sample_image_size_and_nrow(tmp_path, model_file):
@@ -206,7 +219,7 @@ def test_cli_samplers_batch_independent(tmp_path, model_file, sampler, extra):
 def test_cli_sample_resumes_and_refuses_other_arguments(tmp_path, model_file, monkeypatch, capsys):
     import vdm.sampling as sampling
 
-    expected = run_sample(model_file, tmp_path / "ref.png", 4, "--batch", "2")
+    expected = run_sample(model_file, tmp_path / "ref.png", 4, "--batch", "2", "--sampler", "ancestral")
     real, calls, stop_at = sampling.sample_images, [], [2]
 
     def interrupted(*args, **kwargs):
@@ -218,7 +231,7 @@ def test_cli_sample_resumes_and_refuses_other_arguments(tmp_path, model_file, mo
     monkeypatch.setattr(sampling, "sample_images", interrupted)
     out = tmp_path / "s.png"
     base = ["sample", str(model_file), "-n", "5", "--steps", "4", "--out", str(out), "--device", "cpu",
-            "--batch", "2"]
+            "--batch", "2", "--sampler", "ancestral"]
     assert main(base + ["--seed", "4"]) == 130  # stopped inside the second batch
     assert sorted(p.name for p in (tmp_path / "s.partial").iterdir()) == ["batch_000000.npy", "settings.json"]
     assert main(base + ["--seed", "5"]) == 2  # other arguments: refused, the partial folder kept
