@@ -35,11 +35,11 @@ def test_image_i_depends_only_on_seed_and_i():
     """z_1 and the step noise of image i come from the generator of (seed, i): the same images whatever the
     batch size or the offset, and the same z_1 for every sampler."""
     model = tiny_model()
-    a = sample_images(model, 5, steps=3, seed=7, batch=2)
+    a = sample_images(model, 5, sampler="ancestral", steps=3, seed=7, batch=2)
     assert a.dtype == torch.uint8 and a.shape == (5, 3, 8, 8)
-    assert torch.equal(a, sample_images(model, 5, steps=3, seed=7, batch=5))
-    assert torch.equal(a[3:], sample_images(model, 2, steps=3, seed=7, start=3, batch=1))
-    assert not torch.equal(a, sample_images(model, 5, steps=3, seed=8))
+    assert torch.equal(a, sample_images(model, 5, sampler="ancestral", steps=3, seed=7, batch=5))
+    assert torch.equal(a[3:], sample_images(model, 2, sampler="ancestral", steps=3, seed=7, start=3, batch=1))
+    assert not torch.equal(a, sample_images(model, 5, sampler="ancestral", steps=3, seed=8))
     gens = image_generators(7, range(5))
     z_1 = prior_latent(model, 5, generator=gens)
     assert torch.equal(a, generate(model, z_1, "ancestral", uniform_times(3), generator=gens))

@@ -8,7 +8,7 @@ import math
 import sys
 from pathlib import Path
 
-from vdm.choices import DEFAULT_GRID, DEFAULT_STEPS, GRIDS, PRECISIONS, SAMPLER_NAMES
+from vdm.choices import DEFAULT_GRID, DEFAULT_SAMPLER, DEFAULT_STEPS, GRIDS, PRECISIONS, SAMPLER_NAMES
 
 NATIVE_SIZE_DATASETS = ("fashion_mnist", "mnist", "cifar10", "imagenet32", "imagenet64")
 TARGET_HELP = "a model file (.safetensors), a checkpoint directory or a run directory (uses checkpoints/best)"
@@ -259,7 +259,7 @@ def _register_sample(sub) -> None:
                     "multistep, 10–20 network calls), ode (adaptive dopri5 on the probability-flow ODE, "
                     "--rtol/--atol). Each of the K step samplers makes exactly K network calls per image.")
     _add_common(p, optional_help="default: the packaged sampling model (32×32 RGB, trained on photo crops)")
-    p.add_argument("--sampler", choices=SAMPLER_NAMES, default="dpmpp-2m",
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, default=DEFAULT_SAMPLER,
                    help="sampling method (default: %(default)s, 20 network calls per image; ancestral is the "
                         "paper's 1000-step sampler)")
     p.add_argument("--steps", type=int, default=None, metavar="K",

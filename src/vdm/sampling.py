@@ -34,7 +34,7 @@ from torch import Tensor
 from vdm import process
 from vdm.files import atomic_write
 from vdm.model import VDM
-from vdm.choices import DEFAULT_GRID, DEFAULT_STEPS, GRIDS, SAMPLER_NAMES
+from vdm.choices import DEFAULT_GRID, DEFAULT_SAMPLER, DEFAULT_STEPS, GRIDS, SAMPLER_NAMES
 from vdm.precision import autocast
 
 Generator = torch.Generator | Sequence[torch.Generator] | None
@@ -383,7 +383,7 @@ def _call_bar(enabled: bool, desc: str):
 # --- many images, in batches, resumable -----------------------------------------------------------------------
 
 
-def sample_images(model: VDM, n: int, *, sampler: str = "ancestral", steps: int | None = None, seed: int = 0,
+def sample_images(model: VDM, n: int, *, sampler: str = DEFAULT_SAMPLER, steps: int | None = None, seed: int = 0,
                   grid: str | None = None, batch: int = 64, start: int = 0,
                   image_size: int | tuple[int, int] | None = None, progress: bool = False,
                   precision: str = "fp32", conditioning: float = 0.0, **options) -> Tensor:
