@@ -296,6 +296,35 @@ def test_sigkill_then_resume_is_bitwise_identical(tiny, folder, tmp_path, device
     assert steps_logged == sorted(steps_logged)  # records after the checkpoint were dropped, then rewritten
 
 
+def test_split_steps_equal_whole_batch_steps_and_are_reproducible(tiny, tmp_path, device):
+    """run.split = 2 runs each step's batch as two parts on two threads and sums their gradients: without
+    dropout the weights after 6 steps equal those of whole-batch steps up to float rounding (the weights: a bias
+    right before a GroupNorm has a gradient that is zero but for rounding, which AdamW turns into steps of ±lr,
+    so biases are not compared); with dropout (each part its own generator) two split runs give bitwise the
+    same weights, and the thread count is restored."""
+    if device.type != "cpu":
+        pytest.skip("run.split is for the CPU")
+    threads = torch.get_num_threads()
+    direct = apply_overrides(tiny, ["run.conv_algorithm=direct"])
+    no_dropout = apply_overrides(direct, ["model.dropout=0.0"])
+    train(no_dropout, tmp_path / "whole", max_steps=6)
+    train(apply_overrides(no_dropout, ["run.split=2"]), tmp_path / "split", max_steps=6)
+    assert torch.get_num_threads() == threads
+    last = "checkpoints/step_00000006"
+    whole, split = weights(tmp_path / "whole" / last), weights(tmp_path / "split" / last)
+    assert_same({k: v for k, v in whole.items() if k.endswith("weight")},
+                {k: v for k, v in split.items() if k.endswith("weight")}, atol=1e-5)
+    for name in ("a", "b"):
+        train(apply_overrides(direct, ["run.split=2"]), tmp_path / name, max_steps=6)
+    assert_same(weights(tmp_path / "a" / last), weights(tmp_path / "b" / last))
+    assert not torch.equal(weights(tmp_path / "a" / last)["score_model.down.0.conv2.weight"],
+                           weights(tmp_path / "split" / last)["score_model.down.0.conv2.weight"])
+    with pytest.raises(ConfigError, match="divisible by split"):
+        apply_overrides(tiny, ["run.split=3"])
+    with pytest.raises(TrainingError, match="run.split"):
+        train(apply_overrides(direct, ["run.split=2", "run.compile=true"]), tmp_path / "c", max_steps=1)
+
+
 def test_nonfinite_steps_are_skipped_and_counted(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("VDM_TEST_NONFINITE_STEPS", "2")
     skipped = train(apply_overrides(tiny, ["run.checkpoint_every=100"]), tmp_path / "skip", max_steps=3)

@@ -96,13 +96,14 @@ class RunConfig:
     precision: str = "auto"  # "auto" (bf16 autocast where the hardware has native bf16, else fp32), "bf16", "fp32"
     conv_algorithm: str = "auto"  # 3×3 convs in training: auto (Winograd on one thread of an AVX2 CPU w/o AVX-512), winograd, direct
     compile: bool = False  # torch.compile the score network
+    split: int = 1  # CPU: run each step's batch as this many parts side by side, one torch thread each (bench/README.md)
     init_from: str | None = None  # start from this model file's weights (same architecture) instead of random ones
     progress: bool = True  # tqdm progress bar
     tensorboard: bool = True  # also write TensorBoard logs when torch.utils.tensorboard imports
 
     def __post_init__(self):
         for name in ("batch_size", "log_every", "eval_batch_size", "checkpoint_every", "keep_last",
-                     "max_nonfinite"):
+                     "max_nonfinite", "split"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("max_steps", "eval_every"):
@@ -110,6 +111,8 @@ class RunConfig:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
+        if self.batch_size % self.split:
+            raise ValueError(f"batch_size {self.batch_size} must be divisible by split {self.split}")
 
 
 @dataclass

@@ -8,7 +8,9 @@ conv_out → + z. This module knows nothing of the diffusion: it sees z and a sc
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -97,10 +99,26 @@ class Conv3x3(nn.Conv2d):
         return conv3x3(x, self.weight, self.bias)
 
 
+_dropout = threading.local()
+
+
+@contextlib.contextmanager
+def dropout_generator(generator: torch.Generator | None):
+    """Within the block, on this thread, CPU dropout masks come from `generator` instead of torch's global one
+    (so that parts of a batch run on several threads draw reproducible masks)."""
+    previous = getattr(_dropout, "generator", None)
+    _dropout.generator = generator
+    try:
+        yield
+    finally:
+        _dropout.generator = previous
+
+
 class Dropout(nn.Dropout):
     """Dropout whose CPU mask comes from 31-bit integers (two per 64-bit draw of the generator) instead of
     `bernoulli_` on floats: the same distribution up to a rate rounded to 2⁻³¹, about twice as fast on CPU.
-    Elsewhere (CUDA) it is `F.dropout`."""
+    Elsewhere (CUDA) it is `F.dropout`. The CPU generator is torch's global one unless `dropout_generator`
+    names another."""
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0.0 or x.device.type != "cpu":
@@ -108,7 +126,8 @@ class Dropout(nn.Dropout):
         if self.p == 1.0:
             return x * 0.0
         n = x.numel()
-        bits = torch.empty((n + 1) // 2, dtype=torch.int64).random_().view(torch.int32)[:n]  # ~U{0..2⁶³−1}
+        bits = torch.empty((n + 1) // 2, dtype=torch.int64).random_(generator=getattr(_dropout, "generator", None))
+        bits = bits.view(torch.int32)[:n]  # ~U{0..2⁶³−1}
         keep = bits.bitwise_and(0x7FFFFFFF) >= round(self.p * 2**31)  # each 31-bit half is uniform
         return x * keep.view(x.shape).to(x.dtype).mul_(1.0 / (1.0 - self.p))
 

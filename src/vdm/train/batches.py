@@ -19,7 +19,7 @@ from torch import Tensor
 from vdm import losses
 
 # Stream tags, so the seeds of different uses never collide.
-_DATA, _NOISE, _DROPOUT, _INIT, _AUGMENT, _CROP = 1, 2, 3, 4, 5, 6
+_DATA, _NOISE, _DROPOUT, _INIT, _AUGMENT, _CROP, _DROPOUT_PART = 1, 2, 3, 4, 5, 6, 7
 
 
 def derive_seed(*words: int) -> int:
@@ -36,6 +36,11 @@ def init_seed(seed: int) -> int:
 def dropout_seed(seed: int, rank: int, step: int) -> int:
     """The seed of torch's global generator (dropout) for process `rank` at `step`."""
     return derive_seed(seed, _DROPOUT, rank, step)
+
+
+def part_dropout_seed(seed: int, rank: int, step: int, part: int) -> int:
+    """The seed of the dropout generator of part `part` of process `rank`'s batch at `step` (run.split > 1)."""
+    return derive_seed(seed, _DROPOUT_PART, rank, step, part)
 
 
 class BatchOrder:

@@ -26,7 +26,8 @@ overrides (--set SECTION.KEY=VALUE, repeatable) are type-checked against the con
             crops with left-right flips of the whole photographs of photos / wallpapers / photos+wallpapers)
   run.*    (seed, batch_size, max_steps, ema_decay, ema_warmup, log_every, eval_every, checkpoint_every,
             keep_last, max_nonfinite, device, precision (auto, bf16, fp32), conv_algorithm (auto,
-            winograd, direct), compile, progress, tensorboard, init_from: a model file to start from)
+            winograd, direct), compile, split (CPU: each step's batch as this many parts side by side, one
+            torch thread each), progress, tensorboard, init_from: a model file to start from)
 Use --print-config to see every key with its resolved value.
 """
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,11 +22,13 @@ from torch import Tensor, nn
 from vdm.config import TrainConfig, upgrade_legacy
 from vdm.losses import bits_per_dim
 from vdm.model import VDM
+from vdm.nets.unet import dropout_generator
 from vdm.nets.winograd import use_winograd
 from vdm.precision import autocast, resolve_conv_algorithm, resolve_precision
 from vdm.train import distributed, state
 from vdm.train.augment import augment
-from vdm.train.batches import BatchOrder, augment_generator, dropout_seed, init_seed, step_noise
+from vdm.train.batches import (BatchOrder, augment_generator, dropout_seed, init_seed, part_dropout_seed,
+                               step_noise)
 from vdm.train.crops import CropSampler
 from vdm.train.ema import EMA
 from vdm.train.log import MetricsLog, truncate_metrics
@@ -134,6 +137,8 @@ class _Trainer:
             raise TrainingError(f"run.batch_size={run.batch_size} must be divisible by the number of "
                                 f"processes ({d.world_size})")
         self.precision = resolve_precision(run.precision, d.device, warn=d.is_main)
+        self.threads_before = torch.get_num_threads()
+        self.pool = self._split_pool(run, d)
         self.conv_algorithm = resolve_conv_algorithm(run.conv_algorithm, d.device, self.precision.precision)
         if d.is_main and run.progress:
             print(f"precision: {self.precision.precision} ({self.precision.reason}); 3×3 convolutions: "
@@ -157,6 +162,7 @@ class _Trainer:
         if ckpt is not None:
             self._restore(ckpt)
         self.forward = self._wrap(LossModule(self.model))
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.test = None
         if d.is_main and len(test_x):
             self.test = TestSubset(test_x, run.seed, run.eval_batch_size)
@@ -193,6 +199,19 @@ class _Trainer:
         self.counters = Counters(**{k: st[k] for k in known if k in st})
         if self.d.is_main:
             print(f"resuming from {ckpt} (step {self.step})", flush=True)
+
+    @staticmethod
+    def _split_pool(run, d: distributed.Dist) -> ThreadPoolExecutor | None:
+        """With run.split = K > 1: K worker threads for the parts of each step, and torch set to one CPU thread
+        for the whole run (evaluation included; restored at its end); the convolution algorithm is then chosen
+        for one thread."""
+        if run.split == 1:
+            return None
+        if d.device.type != "cpu" or d.enabled or run.compile:
+            raise TrainingError(f"run.split = {run.split} runs a step's parts on CPU threads: it needs the CPU, "
+                                "one process and run.compile = false (set run.split = 1)")
+        torch.set_num_threads(1)
+        return ThreadPoolExecutor(run.split, thread_name_prefix="vdm-part")
 
     def _wrap(self, module: nn.Module) -> nn.Module:
         if self.d.enabled:
@@ -231,6 +250,9 @@ class _Trainer:
         finally:
             if bar is not None:
                 bar.close()
+            if self.pool is not None:
+                self.pool.shutdown()
+                torch.set_num_threads(self.threads_before)
         if window.good or window.skipped:
             self._log_window(window, None)
         last_ckpt = self._checkpoint() if (last_ckpt is None or last_ckpt.name != state.checkpoint_name(
@@ -271,10 +293,14 @@ class _Trainer:
         """Optimiser step `self.step`, or a skipped one when the loss or the gradient is not finite."""
         run, d = self.config.run, self.d
         n, (x, t, eps_0, eps, conditioning) = self._batch()
-        torch.manual_seed(dropout_seed(run.seed, d.rank, self.step))
-        with autocast(self.precision.precision, d.device), use_winograd(self.conv_algorithm == "winograd"):
-            nats = self.forward(x, t, eps, eps_0, conditioning)  # (B, 3)
-        terms = bits_per_dim(nats.float(), self.model.num_dims(x)).mean(0)  # (3,) bpd
+        grads = None
+        if self.pool is not None:
+            terms, grads = self._split_gradients(x, t, eps, eps_0, conditioning)
+        else:
+            torch.manual_seed(dropout_seed(run.seed, d.rank, self.step))
+            with autocast(self.precision.precision, d.device), use_winograd(self.conv_algorithm == "winograd"):
+                nats = self.forward(x, t, eps, eps_0, conditioning)  # (B, 3)
+            terms = bits_per_dim(nats.float(), self.model.num_dims(x)).mean(0)  # (3,) bpd
         loss = terms.sum()
         if self.step in self.hooks.nonfinite_steps:
             loss = loss * float("nan")
@@ -282,7 +308,11 @@ class _Trainer:
         grad_norm = math.nan
         if torch.isfinite(mean_terms).all():
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if grads is None:
+                loss.backward()
+            else:
+                for p, g in zip(self.params, grads):
+                    p.grad = g
             grad_norm = self._clip_gradients()
         window.images += n
         window.pixels += n * x.shape[-2] * x.shape[-1]
@@ -297,6 +327,37 @@ class _Trainer:
             window.good += 1
         else:
             self._skip(window)
+
+    def _split_gradients(self, x: Tensor, t: Tensor, eps: Tensor, eps_0: Tensor, conditioning: Tensor
+                         ) -> tuple[Tensor, list[Tensor | None]]:
+        """run.split > 1: the batch's mean loss terms (3,) in bpd and the gradient of their sum, the batch run as
+        run.split equal parts side by side on the thread pool (torch runs one thread per part), part k's
+        dropout masks from its own generator; the parts' gradients are summed in part order, so a step gives
+        the same result every time."""
+        run, d = self.config.run, self.d
+        dims, n = self.model.num_dims(x), len(x)
+        parts = list(zip(*(a.chunk(run.split) for a in (x, t, eps, eps_0, conditioning))))
+
+        def part_gradients(k: int):
+            g = torch.Generator().manual_seed(part_dropout_seed(run.seed, d.rank, self.step, k))
+            with dropout_generator(g), autocast(self.precision.precision, d.device), \
+                    use_winograd(self.conv_algorithm == "winograd"):
+                nats = self.forward(*parts[k])
+            terms = bits_per_dim(nats.float(), dims).sum(0) / n
+            return terms.detach(), torch.autograd.grad(terms.sum(), self.params, allow_unused=True)
+
+        results = list(self.pool.map(part_gradients, range(len(parts))))
+        terms = results[0][0]
+        for r in results[1:]:
+            terms = terms + r[0]
+        grads = []
+        for i in range(len(self.params)):
+            gs = [r[1][i] for r in results if r[1][i] is not None]
+            total = gs[0] if gs else None
+            for g in gs[1:]:
+                total = total + g
+            grads.append(total)
+        return terms, grads
 
     def _clip_gradients(self) -> float:
         """Clip the score network's gradient norm to optim.grad_clip (when > 0); return that norm, or NaN when
