@@ -48,6 +48,7 @@ from vdm.nets.winograd import use_winograd
 from vdm.precision import CONV_ALGORITHMS, PRECISIONS, cpu_summary, resolve_conv_algorithm, resolve_precision
 from vdm.train.ema import EMA
 from vdm.train.optim import make_optimizer
+from vdm.train.split import split_gradients
 
 PRESETS = {
     "cifar10": dict(n_embd=128, n_layer=32, image_size=32, dropout=0.1, gamma_type="learned_linear"),
@@ -176,11 +177,10 @@ def step_function(model: VDM, x: torch.Tensor, pass_: str, precision: str, conv:
     parts = x.chunk(split)
     pool = ThreadPoolExecutor(split) if split > 1 else None
 
-    def part_gradients(xp: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def part_loss(k: int) -> torch.Tensor:
         with autocast():
-            out = model.loss(xp)
-            loss = (out["prior"] + out["recon"] + out["diff"]).float().sum() / len(x)
-        return loss, torch.autograd.grad(loss, params, allow_unused=True)
+            out = model.loss(parts[k])
+            return (out["prior"] + out["recon"] + out["diff"]).float().sum() / len(x)
 
     def run():
         optimizer.zero_grad(set_to_none=True)
@@ -190,11 +190,9 @@ def step_function(model: VDM, x: torch.Tensor, pass_: str, precision: str, conv:
                 loss = (out["prior"] + out["recon"] + out["diff"]).float().mean()
             loss.backward()
         else:
-            results = list(pool.map(part_gradients, parts))
-            loss = sum(r[0].detach() for r in results)
-            for i, p in enumerate(params):
-                grads = [r[1][i] for r in results if r[1][i] is not None]
-                p.grad = torch.stack(grads).sum(0) if grads else None
+            loss, grads = split_gradients(pool, part_loss, len(parts), params)  # what `vdm train` does
+            for p, g in zip(params, grads):
+                p.grad = g
         optimizer.step()
         ema.update(model, step[0])
         step[0] += 1

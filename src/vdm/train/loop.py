@@ -32,6 +32,7 @@ from vdm.train.batches import (BatchOrder, augment_generator, dropout_seed, init
 from vdm.train.crops import CropSampler
 from vdm.train.ema import EMA
 from vdm.train.log import MetricsLog, truncate_metrics
+from vdm.train.split import split_gradients
 from vdm.train.optim import lr_at, make_optimizer, set_lr
 from vdm.train.testset import TestSubset, fixed_subset
 
@@ -332,32 +333,19 @@ class _Trainer:
                          ) -> tuple[Tensor, list[Tensor | None]]:
         """run.split > 1: the batch's mean loss terms (3,) in bpd and the gradient of their sum, the batch run as
         run.split equal parts side by side on the thread pool (torch runs one thread per part), part k's
-        dropout masks from its own generator; the parts' gradients are summed in part order, so a step gives
-        the same result every time."""
+        dropout masks from its own generator (`split_gradients`)."""
         run, d = self.config.run, self.d
         dims, n = self.model.num_dims(x), len(x)
         parts = list(zip(*(a.chunk(run.split) for a in (x, t, eps, eps_0, conditioning))))
 
-        def part_gradients(k: int):
+        def part_terms(k: int) -> Tensor:
             g = torch.Generator().manual_seed(part_dropout_seed(run.seed, d.rank, self.step, k))
             with dropout_generator(g), autocast(self.precision.precision, d.device), \
                     use_winograd(self.conv_algorithm == "winograd"):
                 nats = self.forward(*parts[k])
-            terms = bits_per_dim(nats.float(), dims).sum(0) / n
-            return terms.detach(), torch.autograd.grad(terms.sum(), self.params, allow_unused=True)
+            return bits_per_dim(nats.float(), dims).sum(0) / n
 
-        results = list(self.pool.map(part_gradients, range(len(parts))))
-        terms = results[0][0]
-        for r in results[1:]:
-            terms = terms + r[0]
-        grads = []
-        for i in range(len(self.params)):
-            gs = [r[1][i] for r in results if r[1][i] is not None]
-            total = gs[0] if gs else None
-            for g in gs[1:]:
-                total = total + g
-            grads.append(total)
-        return terms, grads
+        return split_gradients(self.pool, part_terms, len(parts), self.params)
 
     def _clip_gradients(self) -> float:
         """Clip the score network's gradient norm to optim.grad_clip (when > 0); return that norm, or NaN when
