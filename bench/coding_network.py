@@ -4,7 +4,10 @@ Times one evaluation of ε̂ for `--units` units of the packaged model's trainin
 network (`VDM.eps_hat`, float32) and with the exact coding network (`vdm.codec.intnet.CodingNetwork`, what
 `vdm compress` and `vdm decompress` run), median of `--repeats` runs at five noise levels, and splits the coding
 network's time by part (exclusive times: a part's own work, not the parts it calls). The latents are what the
-codec sees: z_γ = α_γ·x + σ_γ·ε for held-out test tiles x (`--random` for standard normal z instead).
+codec sees: z_γ = α_γ·x + σ_γ·ε for held-out test tiles x (`--random` for standard normal z instead). The three
+are timed in alternating rounds (this machine's speed drifts); the coding network twice: with its compiled CPU
+kernels (`vdm.codec.kernels`, what the codec runs on a CPU) and with torch operations only (its path on other
+devices), which give the same bits.
 
     OMP_NUM_THREADS=1 python bench/coding_network.py --threads 1
 """
@@ -26,10 +29,11 @@ from vdm.pretrained import load_default_model
 
 PARTS = {  # (class, method) → label
     (intnet.QuantLinear, "acc"): "convolutions and dense layers (exact integer sums)",
-    (intnet.QuantLinear, "_spikes"): "inputs beyond the clamp (scattered)",
     (intnet.QuantLinear, "__call__"): "output scale and bias",
+    (intnet.QuantLinear, "residual"): "output scale and bias, rounded to the residual stream",
     (intnet.QuantNormAct, "__call__"): "GroupNorm + swish lookup",
-    (intnet.QuantAttnBlock, "__call__"): "attention: scores, softmax table, weighted sums",
+    (intnet.QuantAttnBlock, "_weights"): "attention: softmax weights (table)",
+    (intnet.QuantAttnBlock, "__call__"): "attention: scores, weighted sums, quantisation",
     (intnet.QuantResBlock, "__call__"): "residual blocks: rounding, clamping, adds",
     (intnet.CodingNetwork, "first_layer"): "first layer: z and Fourier features",
     (intnet.CodingNetwork, "eps"): "the rest (skips, concatenation, output)",
@@ -68,6 +72,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = load_default_model().eval()
     net = intnet.CodingNetwork(model)
+    plain = intnet.CodingNetwork(model, fused=False)
     rng = np.random.default_rng(0)
     gammas = [-12.0, -8.0, -4.0, 0.0, 4.0]
     zs = [rng.standard_normal((args.units, model.config.channels, 32, 32)) for _ in gammas]
@@ -85,25 +90,26 @@ def main() -> None:
             for g, zt in zip(gammas, zts):
                 model.eps_hat(zt, torch.tensor(g))
 
-    def coding_call():
+    def coding_call(network=net):
         with intnet.exact_arithmetic(args.threads), torch.no_grad():
             for g, z in zip(gammas, zs):
-                net.eps(z, g)
+                network.eps(z, g)
 
-    def median_seconds(fn) -> float:
-        fn()
-        runs = []
-        for _ in range(args.repeats):
+    calls = {"float": float_call, "coding": coding_call, "plain": lambda: coding_call(plain)}
+    runs: dict[str, list[float]] = defaultdict(list)
+    for fn in calls.values():
+        fn()  # warm-up (and the kernels' compilation)
+    for _ in range(args.repeats):
+        for name, fn in calls.items():
             start = time.perf_counter()
             fn()
-            runs.append((time.perf_counter() - start) / len(gammas))
-        return statistics.median(runs)
-
-    f, c = median_seconds(float_call), median_seconds(coding_call)
+            runs[name].append((time.perf_counter() - start) / len(gammas))
+    f, c, t = (statistics.median(runs[name]) for name in calls)
     print(f"{cpu_name()}, torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), {args.threads} "
           f"thread(s); {args.units} units of 32×32 ({'standard normal' if args.random else 'noised test tiles'}), "
           f"per evaluation (median of {args.repeats})")
-    print(f"float network:  {f * 1e3:.1f} ms\ncoding network: {c * 1e3:.1f} ms ({c / f:.2f}× the float network)\n")
+    print(f"float network:  {f * 1e3:.1f} ms\ncoding network: {c * 1e3:.1f} ms ({c / f:.2f}× the float network)\n"
+          f"coding network, torch operations only: {t * 1e3:.1f} ms ({t / f:.2f}×)\n")
     spent = instrument()
     coding_call()
     total = sum(spent.values())

@@ -28,7 +28,7 @@ from vdm.pretrained import load_default_model
 
 FIXTURES = Path(__file__).parent / "fixtures" / "codec"
 OTHER_MACHINE = {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "OMP_NUM_THREADS": "1",
-                 "NPY_DISABLE_CPU_FEATURES": "AVX2 FMA3"}
+                 "NPY_DISABLE_CPU_FEATURES": "AVX2 FMA3", "NUMBA_CPU_NAME": "generic"}
 
 
 @pytest.fixture(scope="module")
@@ -103,11 +103,13 @@ def test_the_worst_case_float32_convolution_is_exact(coding):
     assert float(got) == float(want) == float((w[0].abs() * layer.a_max).sum())
 
 
-@pytest.mark.parametrize("every", [20, 5000])  # dense spikes (a second convolution) / sparse (scattered)
-def test_a_convolution_with_inputs_beyond_its_clamp_is_still_exact(coding, every):
+@pytest.mark.parametrize("fused", [True, False])  # compiled CPU kernels / torch operations
+@pytest.mark.parametrize("every", [20, 100, 5000])  # dense spikes (a second convolution) / sparse (scattered)
+def test_a_convolution_with_inputs_beyond_its_clamp_is_still_exact(coding, every, fused):
     """Inputs beyond ±a_max (up to 3·a_max, so both the second convolution and the scatter take part) give
     the exact integer convolution: equal to the float64 one, exact at these magnitudes (< 2^53)."""
-    layer = coding.up[0].conv1
+    layer = intnet.QuantLinear.__new__(intnet.QuantLinear)  # the network's layer, on the path under test
+    layer.__dict__.update(coding.up[0].conv1.__dict__, fused=fused)
     g = torch.Generator().manual_seed(every)
     a = torch.randint(-layer.a_max, layer.a_max + 1, (2, layer.weight.shape[1], 16, 16), generator=g).float()
     spikes = torch.randint(0, every, a.shape, generator=g) == 0
@@ -134,6 +136,25 @@ def test_the_coding_network_follows_the_float_model(packaged, coding):
                 want = m64.eps_hat(torch.as_tensor(z), torch.tensor(chain.gamma[i], dtype=torch.float64)).numpy()
             err = coding.eps(z, float(chain.gamma[i])) - want
             assert math.sqrt(float(np.mean(err ** 2))) < 0.02, i
+
+
+def test_the_compiled_kernels_give_the_bits_of_the_torch_operations(packaged, coding):
+    """ε̂ with the CPU kernels (`vdm.codec.kernels`) equals ε̂ with torch operations only (the path of other
+    devices), bit for bit: on noised held-out tiles from the chain's start, where convolutions see few inputs
+    beyond their clamp, to its end, where some see over 1 % (so the scatter and the dense path both run), and
+    on units of another shape."""
+    plain = CodingNetwork(packaged, fused=False)
+    tiles = load_dataset("photos", "test")
+    f = 2 * (tiles[::230][:8].astype(np.float64) + 0.5) / 256 - 1
+    chain = make_chain(gammas(packaged, 200), 2)
+    rng = np.random.default_rng(2)
+    with exact_arithmetic(1):
+        for i, shape in ((1, None), (100, None), (200, None), (150, (3, 16, 24))):
+            z = chain.alpha[i] * f + chain.sigma[i] * rng.standard_normal(f.shape)
+            if shape is not None:
+                z = z[:shape[0], :, :shape[1], :shape[2]]
+            a, b = coding.eps(z, float(chain.gamma[i])), plain.eps(z, float(chain.gamma[i]))
+            assert np.array_equal(a.view(np.uint64), b.view(np.uint64)), i
 
 
 def test_the_coding_network_gives_the_same_bits_for_any_batch_and_thread_count(coding):

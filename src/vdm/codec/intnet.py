@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vdm.codec import detmath
+from vdm.codec import detmath, kernels
 
 EXACT32 = 2 ** 24  # |partial sums| of float32 integer products stay within this: exact in any order
 EXACT64 = 2 ** 53
@@ -55,8 +55,9 @@ SOFTMAX_STEP_LOG2 = -8  # d = max − score on a grid of 2^−8 …
 SOFTMAX_RANGE = 24 * 256  # … up to 24 (e^−24 ≈ 4e−11, treated as 24)
 SOFTMAX_BITS = 15  # softmax weights round(2^15·e^−d)
 V_BITS = 16  # attention values: |v| ≤ 2^16 (per-unit power-of-two scale); 2^15·2^16·(pixels ≤ 2^16) < 2^53
-ATTN_SCORES = 1 << 16  # attention scores computed at a time (any number gives the same bits)
-SPIKES_PER_CONV = 1000  # above one spike per this many inputs, a dense convolution takes the bulk of them
+ATTN_SCORES = 1 << 18  # attention scores computed at a time (any number gives the same bits)
+SPIKES_PER_CONV = 1000  # above one spike per this many inputs, a dense convolution takes the bulk of them …
+FUSED_SPIKES_PER_CONV = 64  # … or per this many with the compiled kernels, whose scatter is faster
 GN_GROUPS = 32
 GN_EPS = 1e-6
 SWISH_MIN = -0.2784645427610738  # min over x of x·sigmoid(x)
@@ -94,7 +95,7 @@ class QuantLinear:
     + b, float64. `kernel` 3 is a 3×3 convolution with zero padding 1, 1 a 1×1 convolution / dense layer."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, in_steps: np.ndarray, a_max: int,
-                 exact: int, device, in_range: bool = False):
+                 exact: int, device, in_range: bool = False, fused: bool = False):
         w = _np(weight)
         self.kernel = w.shape[2] if w.ndim == 4 else 1
         w = w.reshape(w.shape[0], w.shape[1], -1)
@@ -115,10 +116,12 @@ class QuantLinear:
                                        if self.kernel == 3 else w_int).to(device=device, dtype=dtype)
         if self.kernel == 3:  # row c·9 + tap: the weights from input channel c through tap (dy, dx), per output
             self.tap_rows = self.weight.to(torch.float64).permute(1, 2, 3, 0).reshape(-1, w.shape[0]).contiguous()
+            self.weight64 = self.weight.to(torch.float64).numpy() if fused else None
         self.scale = torch.from_numpy(scale).to(device)
         self.bias = torch.from_numpy(_np(bias) if bias is not None else np.zeros(len(scale))).to(device)
         self.a_max = a_max
         self.in_range = in_range  # inputs never exceed ±a_max (the residual stream): no clamping pass
+        self.fused = fused  # CPU: the clamp and the scatter of a 3×3 convolution's spikes as `kernels`
 
     def acc(self, a: torch.Tensor) -> torch.Tensor:
         """The exact integer sums (float64 tensor): a is (B, I, H, W) for kernels, (B, N, I) for dense.
@@ -128,6 +131,10 @@ class QuantLinear:
         many, their clamped part goes through a second exact convolution first. Every path gives the exact
         integer sums, so which one runs does not change the result."""
         x = a.to(self.weight.dtype)
+        if self.kernel == 3 and self.fused:
+            out = self._acc_fused(x)
+            if out is not None:
+                return out
         if self.kernel == 3:
             lo, hi = torch.aminmax(x)
             if -self.a_max <= float(lo) and float(hi) <= self.a_max:
@@ -151,6 +158,21 @@ class QuantLinear:
         else:
             out = torch.matmul(x, self.weight.t())
         return out.to(torch.float64)
+
+    def _acc_fused(self, x: torch.Tensor) -> torch.Tensor | None:
+        """`acc` of a 3×3 kernel with the clamp and the scatter as `kernels` (one pass to split the inputs);
+        None when the spikes are too many to scatter (the caller's dense path takes them)."""
+        flat = x.contiguous().view(-1).numpy()
+        low = torch.empty(x.shape, dtype=x.dtype)  # torch's allocation: aligned as oneDNN prefers
+        room = flat.size // FUSED_SPIKES_PER_CONV
+        index, excess = np.empty(room, np.int64), np.empty(room, np.float64)
+        count = kernels.split_at_clamp(flat, flat.dtype.type(self.a_max), low.view(-1).numpy(), index, excess)
+        if count > room:
+            return None
+        out = F.conv2d(low, self.weight, padding=1).to(torch.float64)
+        if count:
+            kernels.scatter_spikes(out.numpy(), index[:count], excess[:count], self.weight64)
+        return out
 
     def _spikes(self, out: torch.Tensor, excess: torch.Tensor) -> None:
         """out += conv3×3(excess) for a sparse `excess`, in float64: every product and sum is an integer
@@ -182,6 +204,21 @@ class QuantLinear:
         k = float(2 ** RES_BITS) if res else 1.0
         return y.mul_(torch.mul(self.scale, k).view(shape)).add_(torch.mul(bias, k).view(shape))
 
+    def residual(self, a: torch.Tensor, extra_bias: torch.Tensor | None = None,
+                 shortcut: torch.Tensor | None = None) -> torch.Tensor:
+        """`to_residual` of the outputs, then + `shortcut` (clamped again) if given: the residual stream."""
+        if not (self.fused and a.dim() == 4):
+            y = to_residual(self(a, extra_bias))
+            return y if shortcut is None else y.add_(shortcut).clamp_(-RES_MAX, RES_MAX)
+        y = self.acc(a)
+        k = float(2 ** RES_BITS)
+        bias = self.bias if extra_bias is None else torch.add(self.bias, extra_bias)
+        B, O, H, W = y.shape
+        kernels.scale_round(y.view(B, O, H * W).numpy(), torch.mul(self.scale, k).numpy(),
+                            torch.mul(bias, k).numpy(), float(RES_MAX),
+                            None if shortcut is None else shortcut.contiguous().view(B, O, H * W).numpy())
+        return y
+
 
 def to_residual(y: torch.Tensor) -> torch.Tensor:
     """Values already scaled by 2^RES_BITS (float64) → the residual stream: rounded, clamped (float64). In
@@ -203,7 +240,7 @@ class QuantNormAct:
     """GroupNorm (exact statistics) then the channel's affine map and swish (or nothing) as a lookup table
     whose entries are the next layer's integer inputs, |a| ≤ 2^a_bits, channel c in steps of `steps[c]`."""
 
-    def __init__(self, norm: torch.nn.GroupNorm, swish: bool, a_bits: int, device):
+    def __init__(self, norm: torch.nn.GroupNorm, swish: bool, a_bits: int, device, fused: bool = False):
         self.groups = norm.num_groups
         if norm.num_groups != min(GN_GROUPS, norm.num_channels) or norm.eps != GN_EPS:
             raise ValueError("the coding network supports GroupNorm(min(32, C), C, eps=1e-6) only")
@@ -220,6 +257,7 @@ class QuantNormAct:
         self.table = torch.from_numpy(table.reshape(-1)).to(device=device, dtype=torch.float32)
         self.offsets = (torch.arange(len(gamma), device=device, dtype=torch.float64) * self.width + NORM_RANGE
                         ).view(1, -1, 1, 1)
+        self.fused = fused  # CPU: statistics, rounding and lookup in one `kernels.norm_lookup` call
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: residual stream (B, C, H, W) → integer activations (float32 tensor holding integers)."""
@@ -228,6 +266,12 @@ class QuantNormAct:
         n = xs.shape[2]
         if n > MAX_GROUP:
             raise ValueError(f"a GroupNorm group of {n} values exceeds {MAX_GROUP}: the sums would not be exact")
+        if self.fused:
+            out = np.empty((B, C * H * W), dtype=np.float32)
+            kernels.norm_lookup(x.contiguous().view(B, -1).numpy(), self.groups, H * W, self.table.numpy(),
+                                self.width, NORM_RANGE, 2.0 ** (-2 * RES_BITS), GN_EPS,
+                                2.0 ** (-RES_BITS - NORM_STEP_LOG2), out)
+            return torch.from_numpy(out).view(B, C, H, W)
         s = _np(xs.sum(2))  # exact: integers, |partial sums| < 2^17·2^17
         m = np.floor(np.divide(np.add(np.multiply(s, 2.0), n), 2.0 * n))  # the mean, rounded (deterministically)
         d = torch.sub(xs, torch.from_numpy(m).to(x.device)[:, :, None])
@@ -251,12 +295,14 @@ def _pow2_quantise(y: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tens
 
 
 class QuantResBlock:
-    def __init__(self, blk, device):
-        self.norm1 = QuantNormAct(blk.norm1, True, ACT_BITS, device)
-        self.conv1 = QuantLinear(blk.conv1.weight, blk.conv1.bias, self.norm1.steps, 2 ** ACT_BITS, EXACT32, device)
+    def __init__(self, blk, device, fused: bool = False):
+        self.norm1 = QuantNormAct(blk.norm1, True, ACT_BITS, device, fused)
+        self.conv1 = QuantLinear(blk.conv1.weight, blk.conv1.bias, self.norm1.steps, 2 ** ACT_BITS, EXACT32, device,
+                                 fused=fused)
         self.cond_proj = _np(blk.cond_proj.weight)
-        self.norm2 = QuantNormAct(blk.norm2, True, ACT_BITS, device)
-        self.conv2 = QuantLinear(blk.conv2.weight, blk.conv2.bias, self.norm2.steps, 2 ** ACT_BITS, EXACT32, device)
+        self.norm2 = QuantNormAct(blk.norm2, True, ACT_BITS, device, fused)
+        self.conv2 = QuantLinear(blk.conv2.weight, blk.conv2.bias, self.norm2.steps, 2 ** ACT_BITS, EXACT32, device,
+                                 fused=fused)
         self.nin = None
         if blk.nin_shortcut is not None:
             steps = np.full(blk.nin_shortcut.weight.shape[1], 2.0 ** -RES_BITS)
@@ -264,10 +310,9 @@ class QuantResBlock:
                                    in_range=True)
 
     def __call__(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        h = to_residual(self.conv1(self.norm1(x), cond))
-        h2 = to_residual(self.conv2(self.norm2(h)))
+        h = self.conv1.residual(self.norm1(x), cond)
         shortcut = to_residual(self.nin(x)) if self.nin is not None else x
-        return h2.add_(shortcut).clamp_(-RES_MAX, RES_MAX)
+        return self.conv2.residual(self.norm2(h), shortcut=shortcut)
 
 
 def _chunks(B: int, N: int, most: int):
@@ -286,9 +331,10 @@ def _chunks(B: int, N: int, most: int):
 class QuantAttnBlock:
     """Single-head self-attention over the unit's pixels, exact as described in the module docstring."""
 
-    def __init__(self, blk, device):
+    def __init__(self, blk, device, fused: bool = False):
         C = blk.q.weight.shape[0]
-        self.norm = QuantNormAct(blk.norm, False, ACT_BITS, device)
+        self.norm = QuantNormAct(blk.norm, False, ACT_BITS, device, fused)
+        self.fused = fused  # CPU: the softmax weights as `kernels.softmax_weights`
         self.q, self.k, self.v = (QuantLinear(lin.weight, lin.bias, self.norm.steps, 2 ** ACT_BITS, EXACT32, device)
                                   for lin in (blk.q, blk.k, blk.v))
         self.proj = QuantLinear(blk.proj_out.weight, blk.proj_out.bias, np.ones(C), 2 ** ACT_BITS, EXACT32, device)
@@ -308,15 +354,13 @@ class QuantAttnBlock:
         # u = round((max − score)·2^8) on the integer scores: |q·k| < 2^23, so max − q·k is exact in float32
         factor = torch.mul(torch.mul(torch.mul(qs, ks), self.inv_sqrt_c), 2.0 ** -SOFTMAX_STEP_LOG2)
         factor = factor.to(torch.float32)  # one correctly rounded conversion per unit
-        q32, k32 = q.to(torch.float32), k.to(torch.float32)
+        q32, k32, vt = q.to(torch.float32), k.to(torch.float32), v.transpose(1, 2).contiguous()
         out = torch.empty(B, N, C, dtype=torch.float64, device=x.device)
         for b0, b1, lo, hi in _chunks(B, N, ATTN_SCORES):
             s = torch.matmul(q32[b0:b1, lo:hi], k32[b0:b1].transpose(1, 2))  # exact integers
-            d = s.sub_(s.amax(2, keepdim=True)).neg_()  # max − score, in place
-            u = d.mul_(factor[b0:b1].view(-1, 1, 1)).round_().clamp_(max=SOFTMAX_RANGE)
-            e = self.exp_table.index_select(0, u.to(torch.int64).view(-1)).view(u.shape)
-            num = torch.matmul(e, v[b0:b1])  # exact: 2^15·2^16·pixels < 2^53
-            out[b0:b1, lo:hi] = num.div_(e.sum(2, keepdim=True)).mul_(vs[b0:b1].view(-1, 1, 1))
+            e, den = self._weights(s, factor[b0:b1])
+            num = torch.matmul(vt[b0:b1], e.transpose(1, 2)).transpose(1, 2)  # exact: 2^15·2^16·pixels < 2^53
+            out[b0:b1, lo:hi] = num.div_(den).mul_(vs[b0:b1].view(-1, 1, 1))
         o, os_ = _pow2_quantise(out, ACT_BITS)
         y = self.proj.acc(o)  # (B, N, C) exact sums of the integer o
         scale = torch.mul(self.proj.scale, float(2 ** RES_BITS)).view(1, 1, -1)
@@ -325,13 +369,33 @@ class QuantAttnBlock:
         return torch.add(x, to_residual(y.transpose(1, 2).reshape(B, C, H, W))).clamp_(-RES_MAX, RES_MAX)
 
 
+    def _weights(self, s: torch.Tensor, factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Softmax weights e = table[min(rint((max − s)·factor), range)] of integer scores s (U, R, N) float32
+        (consumed) and their row sums (U, R, 1), float64."""
+        if self.fused:
+            e = torch.empty(s.shape, dtype=torch.float64)
+            den = torch.empty(s.shape[:2] + (1,), dtype=torch.float64)
+            kernels.softmax_weights(s.numpy(), factor.contiguous().numpy(), self.exp_table.numpy(),
+                                    np.float32(SOFTMAX_RANGE), e.numpy(), den.numpy()[:, :, 0])
+            return e, den
+        d = s.sub_(s.amax(2, keepdim=True)).neg_()  # max − score, in place
+        u = d.mul_(factor.view(-1, 1, 1)).round_().clamp_(max=SOFTMAX_RANGE)
+        e = self.exp_table.index_select(0, u.to(torch.int64).view(-1)).view(u.shape)
+        return e, e.sum(2, keepdim=True)
+
+
 class CodingNetwork:
     """ε̂(z_t; γ_t) of `model` computed exactly (see the module docstring); built from the model's weights."""
 
-    def __init__(self, model, device: str | torch.device = "cpu"):
+    def __init__(self, model, device: str | torch.device = "cpu", fused: bool | None = None):
+        """`fused`: the compiled CPU `kernels` for the elementwise passes (default: on the CPU); the same bits
+        as the torch operations, which run on other devices (and with `fused=False`)."""
         net = model.score_model
         cfg = model.config
         self.device = torch.device(device)
+        fused = self.device.type == "cpu" if fused is None else fused
+        if fused and self.device.type != "cpu":
+            raise ValueError("the fused kernels run on the CPU only")
         self.gamma_min, self.gamma_max = float(cfg.gamma_min), float(cfg.gamma_max)
         self.n_embd = net.n_embd
         self.channels = cfg.channels
@@ -344,18 +408,18 @@ class CodingNetwork:
         if w_in.shape[1] > C:
             self.conv_in_f = QuantLinear(w_in[:, C:], None, np.full(w_in.shape[1] - C, 2.0 ** -FOURIER_BITS),
                                          2 ** FOURIER_BITS, EXACT32, self.device)
-        self.down = [QuantResBlock(b, self.device) for b in net.down]
-        self.down_attn = [QuantAttnBlock(a, self.device) if not isinstance(a, torch.nn.Identity) else None
+        self.down = [QuantResBlock(b, self.device, fused) for b in net.down]
+        self.down_attn = [QuantAttnBlock(a, self.device, fused) if not isinstance(a, torch.nn.Identity) else None
                           for a in net.down_attn]
-        self.mid1 = QuantResBlock(net.mid_block1, self.device)
-        self.mid_attn = QuantAttnBlock(net.mid_attn, self.device)
-        self.mid2 = QuantResBlock(net.mid_block2, self.device)
-        self.up = [QuantResBlock(b, self.device) for b in net.up]
-        self.up_attn = [QuantAttnBlock(a, self.device) if not isinstance(a, torch.nn.Identity) else None
+        self.mid1 = QuantResBlock(net.mid_block1, self.device, fused)
+        self.mid_attn = QuantAttnBlock(net.mid_attn, self.device, fused)
+        self.mid2 = QuantResBlock(net.mid_block2, self.device, fused)
+        self.up = [QuantResBlock(b, self.device, fused) for b in net.up]
+        self.up_attn = [QuantAttnBlock(a, self.device, fused) if not isinstance(a, torch.nn.Identity) else None
                         for a in net.up_attn]
-        self.norm_out = QuantNormAct(net.norm_out, True, ACT_BITS, self.device)
+        self.norm_out = QuantNormAct(net.norm_out, True, ACT_BITS, self.device, fused)
         self.conv_out = QuantLinear(net.conv_out.weight, net.conv_out.bias, self.norm_out.steps, 2 ** ACT_BITS,
-                                    EXACT32, self.device)
+                                    EXACT32, self.device, fused=fused)
         self.blocks = self.down + [self.mid1, self.mid2] + self.up
         self._cond: dict[tuple[float, float], list[torch.Tensor]] = {}
 

@@ -1,0 +1,168 @@
+"""Compiled CPU kernels of the coding network: its elementwise passes fused, with the same bits as its torch ops.
+
+`intnet` computes GroupNorm + lookup, the split of a convolution's inputs at its clamp, the scatter of the
+inputs beyond it, and the attention's softmax weights with torch operations on any device; on the CPU these
+kernels (numba, compiled on first use and cached) do the same in one pass over the data instead of five to ten.
+They perform the same IEEE-754 operations in the same order on each element — integer sums, which are exact in
+any order, and correctly rounded products, quotients, square roots and roundings to an integer, none of them
+fused (numba does not contract a·b + c into an FMA unless told to) — so they give exactly the torch path's
+results; `tests/test_portable.py` checks that they do.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+_jit = numba.njit(nogil=True, cache=True)  # nogil: the codec evaluates units side by side on threads
+
+
+@_jit
+def _sum(x, lo, hi, centre):
+    """Σ (x[i] − centre)^k over lo ≤ i < hi for k = 1 (centre 0) or 2: four partial sums, exact (integers)."""
+    a0 = a1 = a2 = a3 = 0.0
+    i = lo
+    if centre is None:
+        while i + 4 <= hi:
+            a0 += x[i]
+            a1 += x[i + 1]
+            a2 += x[i + 2]
+            a3 += x[i + 3]
+            i += 4
+        while i < hi:
+            a0 += x[i]
+            i += 1
+    else:
+        while i + 4 <= hi:
+            d0, d1, d2, d3 = x[i] - centre, x[i + 1] - centre, x[i + 2] - centre, x[i + 3] - centre
+            a0 += d0 * d0
+            a1 += d1 * d1
+            a2 += d2 * d2
+            a3 += d3 * d3
+            i += 4
+        while i < hi:
+            d0 = x[i] - centre
+            a0 += d0 * d0
+            i += 1
+    return (a0 + a1) + (a2 + a3)
+
+
+@_jit
+def norm_lookup(x, groups, hw, table, width, norm_range, var_scale, eps, out_scale, out):
+    """GroupNorm of the residual stream `x` (B, C·HW) float64 (integers) with exact statistics, each value
+    rounded to the normalised grid and replaced by its channel's table entry: `out` (B, C·HW) float32.
+
+    Per group of n = C·HW/groups values: s = Σx (exact), m = ⌊(2s + n)/(2n)⌋, ss = Σ(x − m)² (exact),
+    f = 1/√(ss/n·var_scale + eps)·out_scale, u = clamp(rint((x − m)·f), ±norm_range),
+    out = table[c·width + u + norm_range]: `intnet.QuantNormAct`'s operations."""
+    B, total = x.shape
+    n = total // groups
+    per = n // hw  # channels per group
+    index = np.empty(hw, dtype=np.uint32)
+    lo, hi = np.float64(-norm_range), np.float64(norm_range)
+    for b in range(B):
+        row, dest = x[b], out[b]
+        for g in range(groups):
+            base = g * n
+            s = _sum(row, base, base + n, None)
+            m = np.floor((s * 2.0 + n) / (2.0 * n))
+            ss = _sum(row, base, base + n, m)
+            f = (1.0 / math.sqrt((ss / n) * var_scale + eps)) * out_scale
+            for c in range(g * per, (g + 1) * per):
+                src = row[c * hw:(c + 1) * hw]
+                for i in range(hw):  # the table row of each value (a loop the compiler vectorises) …
+                    index[i] = np.uint32(min(max(np.rint((src[i] - m) * f), lo), hi) + hi)
+                entries, values = table[c * width:(c + 1) * width], dest[c * hw:(c + 1) * hw]
+                for i in range(hw):  # … then the lookups
+                    values[i] = entries[index[i]]
+
+
+@_jit
+def split_at_clamp(a, a_max, low, index, excess):
+    """low = clamp(a, ±a_max) (a, low flat); the flat index and excess a − low of each value beyond the clamp
+    go to `index` and `excess` while they have room. Returns how many values lie beyond it (may exceed the
+    room: then the caller takes its dense path)."""
+    room = len(index)
+    count = 0
+    for i in range(len(a)):
+        v = a[i]
+        if v > a_max:
+            low[i] = a_max
+        elif v < -a_max:
+            low[i] = -a_max
+        else:
+            low[i] = v
+            continue
+        if count < room:
+            index[count] = i
+            excess[count] = v - low[i]  # in a's precision, as the torch path computes it
+        count += 1
+    return count
+
+
+@_jit
+def scatter_spikes(out, index, excess, weight):
+    """out += conv3×3(spikes), zero padding 1, in float64: the spikes are values `excess` at flat positions
+    `index` of a (B, I, H, W) input; `weight` (O, I, 3, 3) float64 integers, `out` (B, O, H, W). Every product
+    and sum is an integer below 2^53, so the order of the additions does not matter."""
+    B, O, H, W = out.shape
+    I = weight.shape[1]
+    for k in range(len(index)):
+        p = index[k]
+        x = p % W
+        y = (p // W) % H
+        c = (p // (H * W)) % I
+        b = p // (I * H * W)
+        v = excess[k]
+        for o in range(O):  # each output plane's 3×3 neighbourhood in turn: 3 cache lines, not 9·O
+            plane, taps = out[b, o], weight[o, c]
+            for ty in range(3):
+                oy = y - ty + 1
+                if 0 <= oy < H:
+                    for tx in range(3):
+                        ox = x - tx + 1
+                        if 0 <= ox < W:
+                            plane[oy, ox] += taps[ty, tx] * v
+
+
+@_jit
+def softmax_weights(s, factor, table, limit, e, den):
+    """Attention weights from integer scores `s` (U, R, N) float32: per row, d = max − s (exact),
+    u = min(rint(d·factor[unit]), limit) in float32, e = table[u] (float64 (U, R, N)); den = Σ e per row
+    (exact integers). `intnet.QuantAttnBlock`'s operations."""
+    U, R, N = s.shape
+    index = np.empty(N, dtype=np.int32)
+    for b in range(U):
+        f = factor[b]
+        for r in range(R):
+            scores = s[b, r]
+            m = scores[0]
+            for j in range(1, N):
+                m = max(m, scores[j])
+            for j in range(N):  # table rows (a loop the compiler vectorises) …
+                index[j] = np.int32(min(np.rint((m - scores[j]) * f), limit))
+            weights = e[b, r]
+            for j in range(N):  # … then the lookups
+                weights[j] = table[index[j]]
+            den[b, r] = _sum(weights, 0, N, None)
+
+
+@_jit
+def scale_round(acc, scale, bias, res_max, shortcut):
+    """In place, acc (B, O, HW) float64 exact sums → the residual stream: clamp(rint(acc·scale[o] + bias[o]),
+    ±res_max), then, given a `shortcut` (B, O, HW), clamp(that + shortcut, ±res_max): `intnet.QuantLinear
+    .residual`'s operations (a product, then a sum: two roundings)."""
+    B, O, HW = acc.shape
+    lo, hi = np.float64(-res_max), np.float64(res_max)
+    for b in range(B):
+        for o in range(O):
+            sk, bk = scale[o], bias[o]
+            values = acc[b, o]
+            for i in range(HW):
+                values[i] = min(max(np.rint(values[i] * sk + bk), lo), hi)
+            if shortcut is not None:
+                add = shortcut[b, o]
+                for i in range(HW):
+                    values[i] = min(max(values[i] + add[i], lo), hi)
