@@ -20,32 +20,45 @@ _jit = numba.njit(nogil=True, cache=True)  # nogil: the codec evaluates units si
 
 
 @_jit
-def _sum(x, lo, hi, centre):
-    """Σ (x[i] − centre)^k over lo ≤ i < hi for k = 1 (centre 0) or 2: four partial sums, exact (integers)."""
-    a0 = a1 = a2 = a3 = 0.0
+def _moments(x, lo, hi):
+    """(Σx, Σx²) over lo ≤ i < hi, each as four partial sums: exact for integers with |x| < 2^17 and at most
+    2^17 terms (Σx² < 2^51)."""
+    s0 = s1 = s2 = s3 = 0.0
+    q0 = q1 = q2 = q3 = 0.0
     i = lo
-    if centre is None:
-        while i + 4 <= hi:
-            a0 += x[i]
-            a1 += x[i + 1]
-            a2 += x[i + 2]
-            a3 += x[i + 3]
-            i += 4
-        while i < hi:
-            a0 += x[i]
-            i += 1
-    else:
-        while i + 4 <= hi:
-            d0, d1, d2, d3 = x[i] - centre, x[i + 1] - centre, x[i + 2] - centre, x[i + 3] - centre
-            a0 += d0 * d0
-            a1 += d1 * d1
-            a2 += d2 * d2
-            a3 += d3 * d3
-            i += 4
-        while i < hi:
-            d0 = x[i] - centre
-            a0 += d0 * d0
-            i += 1
+    while i + 4 <= hi:
+        a, b, c, d = x[i], x[i + 1], x[i + 2], x[i + 3]
+        s0 += a
+        s1 += b
+        s2 += c
+        s3 += d
+        q0 += a * a
+        q1 += b * b
+        q2 += c * c
+        q3 += d * d
+        i += 4
+    while i < hi:
+        s0 += x[i]
+        q0 += x[i] * x[i]
+        i += 1
+    return (s0 + s1) + (s2 + s3), (q0 + q1) + (q2 + q3)
+
+
+@_jit
+def _row_sum(x):
+    """Σx as four partial sums: exact for integers whose partial sums stay below 2^53."""
+    a0 = a1 = a2 = a3 = 0.0
+    n = len(x)
+    i = 0
+    while i + 4 <= n:
+        a0 += x[i]
+        a1 += x[i + 1]
+        a2 += x[i + 2]
+        a3 += x[i + 3]
+        i += 4
+    while i < n:
+        a0 += x[i]
+        i += 1
     return (a0 + a1) + (a2 + a3)
 
 
@@ -54,7 +67,8 @@ def norm_lookup(x, groups, hw, table, width, norm_range, var_scale, eps, out_sca
     """GroupNorm of the residual stream `x` (B, C·HW) float64 (integers) with exact statistics, each value
     rounded to the normalised grid and replaced by its channel's table entry: `out` (B, C·HW) float32.
 
-    Per group of n = C·HW/groups values: s = Σx (exact), m = ⌊(2s + n)/(2n)⌋, ss = Σ(x − m)² (exact),
+    Per group of n = C·HW/groups values: s = Σx (exact), m = ⌊(2s + n)/(2n)⌋, ss = Σ(x − m)² (exact: here
+    as Σx² − 2m·s + n·m², every term and partial result an integer below 2^53 for |x| < 2^17, n ≤ 2^17),
     f = 1/√(ss/n·var_scale + eps)·out_scale, u = clamp(rint((x − m)·f), ±norm_range),
     out = table[c·width + u + norm_range]: `intnet.QuantNormAct`'s operations."""
     B, total = x.shape
@@ -66,9 +80,9 @@ def norm_lookup(x, groups, hw, table, width, norm_range, var_scale, eps, out_sca
         row, dest = x[b], out[b]
         for g in range(groups):
             base = g * n
-            s = _sum(row, base, base + n, None)
+            s, q = _moments(row, base, base + n)
             m = np.floor((s * 2.0 + n) / (2.0 * n))
-            ss = _sum(row, base, base + n, m)
+            ss = (q - 2.0 * (m * s)) + n * (m * m)
             f = (1.0 / math.sqrt((ss / n) * var_scale + eps)) * out_scale
             for c in range(g * per, (g + 1) * per):
                 src = row[c * hw:(c + 1) * hw]
@@ -146,7 +160,7 @@ def softmax_weights(s, factor, table, limit, e, den):
             weights = e[b, r]
             for j in range(N):  # … then the lookups
                 weights[j] = table[index[j]]
-            den[b, r] = _sum(weights, 0, N, None)
+            den[b, r] = _row_sum(weights)
 
 
 @_jit
