@@ -157,6 +157,15 @@ def test_the_compiled_kernels_give_the_bits_of_the_torch_operations(packaged, co
             assert np.array_equal(a.view(np.uint64), b.view(np.uint64)), i
 
 
+def test_without_numba_the_cpu_runs_the_torch_operations(packaged, monkeypatch):
+    from vdm.codec import kernels
+    monkeypatch.setattr(kernels, "AVAILABLE", False)
+    net = CodingNetwork(packaged)
+    assert not any(layer.fused for layer in (net.mid_attn, net.norm_out, net.conv_out, net.up[0].norm1))
+    with pytest.raises(ValueError, match="numba"):
+        CodingNetwork(packaged, fused=True)
+
+
 def test_the_coding_network_gives_the_same_bits_for_any_batch_and_thread_count(coding):
     z = np.random.default_rng(1).standard_normal((6, 3, 32, 32))
     with exact_arithmetic(2):

@@ -388,14 +388,14 @@ class CodingNetwork:
     """ε̂(z_t; γ_t) of `model` computed exactly (see the module docstring); built from the model's weights."""
 
     def __init__(self, model, device: str | torch.device = "cpu", fused: bool | None = None):
-        """`fused`: the compiled CPU `kernels` for the elementwise passes (default: on the CPU); the same bits
-        as the torch operations, which run on other devices (and with `fused=False`)."""
+        """`fused`: the compiled CPU `kernels` for the elementwise passes (default: on the CPU, where numba is
+        importable); the same bits as the torch operations, which run on other devices (and with `fused=False`)."""
         net = model.score_model
         cfg = model.config
         self.device = torch.device(device)
-        fused = self.device.type == "cpu" if fused is None else fused
-        if fused and self.device.type != "cpu":
-            raise ValueError("the fused kernels run on the CPU only")
+        fused = self.device.type == "cpu" and kernels.AVAILABLE if fused is None else fused
+        if fused and (self.device.type != "cpu" or not kernels.AVAILABLE):
+            raise ValueError("the fused kernels need numba and run on the CPU only")
         self.gamma_min, self.gamma_max = float(cfg.gamma_min), float(cfg.gamma_max)
         self.n_embd = net.n_embd
         self.channels = cfg.channels

@@ -6,17 +6,34 @@ kernels (numba, compiled on first use and cached) do the same in one pass over t
 They perform the same IEEE-754 operations in the same order on each element — integer sums, which are exact in
 any order, and correctly rounded products, quotients, square roots and roundings to an integer, none of them
 fused (numba does not contract a·b + c into an FMA unless told to) — so they give exactly the torch path's
-results; `tests/test_portable.py` checks that they do.
+results; `tests/test_portable.py` checks that they do. Where numba cannot be imported (a Python or NumPy it does
+not support yet), `AVAILABLE` is False and the coding network runs its torch operations on the CPU too: slower,
+the same bits.
 """
 
 from __future__ import annotations
 
 import math
 
-import numba
 import numpy as np
 
-_jit = numba.njit(nogil=True, cache=True)  # nogil: the codec evaluates units side by side on threads
+try:
+    import numba
+    AVAILABLE = True
+except ImportError:  # numba's own message names what it lacks; the torch path stands in
+    numba = None
+    AVAILABLE = False
+
+
+def _jit(fn):
+    """Compiled without the GIL (the codec evaluates units side by side on threads), cached on disk where numba
+    finds a writable place for it, compiled in each process otherwise."""
+    if numba is None:
+        return fn
+    try:
+        return numba.njit(nogil=True, cache=True)(fn)
+    except RuntimeError:  # "cannot cache function …: no locator available": no writable cache directory
+        return numba.njit(nogil=True)(fn)
 
 
 @_jit
