@@ -323,6 +323,14 @@ def test_split_steps_equal_whole_batch_steps_and_are_reproducible(tiny, tmp_path
         apply_overrides(tiny, ["run.split=3"])
     with pytest.raises(TrainingError, match="run.split"):
         train(apply_overrides(direct, ["run.split=2", "run.compile=true"]), tmp_path / "c", max_steps=1)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)  # the pool sets 1; a constructor failing after it must put 3 back
+        with pytest.raises(TrainingError, match="already holds checkpoints"):
+            train(apply_overrides(direct, ["run.split=2"]), tmp_path / "split", max_steps=1)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_nonfinite_steps_are_skipped_and_counted(tiny, tmp_path, monkeypatch):

@@ -140,6 +140,14 @@ class _Trainer:
         self.precision = resolve_precision(run.precision, d.device, warn=d.is_main)
         self.threads_before = torch.get_num_threads()
         self.pool = self._split_pool(run, d)
+        try:
+            self._setup(resume)
+        except BaseException:
+            self._release_pool()  # a constructor that fails leaves torch's thread count as it found it
+            raise
+
+    def _setup(self, resume: bool) -> None:
+        config, out_dir, d, run = self.config, self.out_dir, self.d, self.config.run
         self.conv_algorithm = resolve_conv_algorithm(run.conv_algorithm, d.device, self.precision.precision)
         if d.is_main and run.progress:
             print(f"precision: {self.precision.precision} ({self.precision.reason}); 3×3 convolutions: "
@@ -214,6 +222,12 @@ class _Trainer:
         torch.set_num_threads(1)
         return ThreadPoolExecutor(run.split, thread_name_prefix="vdm-part")
 
+    def _release_pool(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+            self.pool = None
+            torch.set_num_threads(self.threads_before)
+
     def _wrap(self, module: nn.Module) -> nn.Module:
         if self.d.enabled:
             ids = [self.d.device.index] if self.d.device.type == "cuda" else None
@@ -251,9 +265,7 @@ class _Trainer:
         finally:
             if bar is not None:
                 bar.close()
-            if self.pool is not None:
-                self.pool.shutdown()
-                torch.set_num_threads(self.threads_before)
+            self._release_pool()
         if window.good or window.skipped:
             self._log_window(window, None)
         last_ckpt = self._checkpoint() if (last_ckpt is None or last_ckpt.name != state.checkpoint_name(
