@@ -157,6 +157,22 @@ def test_the_compiled_kernels_give_the_bits_of_the_torch_operations(packaged, co
             assert np.array_equal(a.view(np.uint64), b.view(np.uint64)), i
 
 
+def test_the_compiled_kernels_agree_at_the_limits_of_the_residual_stream(packaged, coding):
+    """Residual-stream inputs spread over the whole range ±(2^17 − 1), some at the bounds: every clamp and
+    rounding of a residual block and of the attention block is exercised; both paths agree bit for bit."""
+    plain = CodingNetwork(packaged, fused=False)
+    rng = np.random.default_rng(3)
+    x = rng.integers(-intnet.RES_MAX, intnet.RES_MAX + 1, (2, packaged.config.n_embd, 16, 16)).astype(np.float64)
+    x[0, :, :4] = intnet.RES_MAX
+    x[1, :, -4:] = -intnet.RES_MAX
+    x = torch.from_numpy(x)
+    cond = coding.block_biases(-2.0)[len(coding.down)]  # the first middle block's conditioning
+    with exact_arithmetic(1):
+        for got, want in ((coding.mid_attn(x.clone()), plain.mid_attn(x.clone())),
+                          (coding.mid1(x.clone(), cond), plain.mid1(x.clone(), cond))):
+            assert torch.equal(got, want) and float(got.abs().max()) == intnet.RES_MAX
+
+
 def test_without_numba_the_cpu_runs_the_torch_operations(packaged, monkeypatch):
     from vdm.codec import kernels
     monkeypatch.setattr(kernels, "AVAILABLE", False)

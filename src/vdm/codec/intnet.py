@@ -150,18 +150,24 @@ class QuantLinear:
                 excess = torch.sub(excess, part)
             self._spikes(out, excess)
             return out
+        if a.dim() == 4:
+            if not self.in_range:
+                x = x.clamp(-self.a_max, self.a_max)
+            B, I, H, W = x.shape
+            return torch.matmul(self.weight, x.reshape(B, I, H * W)).reshape(B, -1, H, W).to(torch.float64)
+        return self.dense_sums(a).to(torch.float64)
+
+    def dense_sums(self, a: torch.Tensor) -> torch.Tensor:
+        """A dense layer's exact integer sums for a (B, N, I), in the weights' dtype (B, N, O)."""
+        x = a.to(self.weight.dtype)
         if not self.in_range:
             x = x.clamp(-self.a_max, self.a_max)
-        if a.dim() == 4:
-            B, I, H, W = x.shape
-            out = torch.matmul(self.weight, x.reshape(B, I, H * W)).reshape(B, -1, H, W)
-        else:
-            out = torch.matmul(x, self.weight.t())
-        return out.to(torch.float64)
+        return torch.matmul(x, self.weight.t())
 
-    def _acc_fused(self, x: torch.Tensor) -> torch.Tensor | None:
+    def _acc_fused(self, x: torch.Tensor, narrow: bool = False) -> torch.Tensor | None:
         """`acc` of a 3×3 kernel with the clamp and the scatter as `kernels` (one pass to split the inputs);
-        None when the spikes are too many to scatter (the caller's dense path takes them)."""
+        None when the spikes are too many to scatter (the caller's dense path takes them). `narrow`: the
+        convolution's own float32 sums where no input lies beyond the clamp (float64 otherwise)."""
         flat = x.contiguous().view(-1).numpy()
         low = torch.empty(x.shape, dtype=x.dtype)  # torch's allocation: aligned as oneDNN prefers
         room = flat.size // FUSED_SPIKES_PER_CONV
@@ -169,7 +175,10 @@ class QuantLinear:
         count = kernels.split_at_clamp(flat, flat.dtype.type(self.a_max), low.view(-1).numpy(), index, excess)
         if count > room:
             return None
-        out = F.conv2d(low, self.weight, padding=1).to(torch.float64)
+        out = F.conv2d(low, self.weight, padding=1)
+        if narrow and not count:
+            return out
+        out = out.to(torch.float64)
         if count:
             kernels.scatter_spikes(out.numpy(), index[:count], excess[:count], self.weight64)
         return out
@@ -210,14 +219,18 @@ class QuantLinear:
         if not (self.fused and a.dim() == 4):
             y = to_residual(self(a, extra_bias))
             return y if shortcut is None else y.add_(shortcut).clamp_(-RES_MAX, RES_MAX)
-        y = self.acc(a)
+        y = self._acc_fused(a.to(self.weight.dtype), narrow=True) if self.kernel == 3 else None
+        if y is None:
+            y = self.acc(a)
+        out = y if y.dtype == torch.float64 else torch.empty(y.shape, dtype=torch.float64)
         k = float(2 ** RES_BITS)
         bias = self.bias if extra_bias is None else torch.add(self.bias, extra_bias)
         B, O, H, W = y.shape
-        kernels.scale_round(y.view(B, O, H * W).numpy(), torch.mul(self.scale, k).numpy(),
-                            torch.mul(bias, k).numpy(), float(RES_MAX),
-                            None if shortcut is None else shortcut.contiguous().view(B, O, H * W).numpy())
-        return y
+        flat = (B, O, H * W)
+        kernels.scale_round(y.view(flat).numpy(), torch.mul(self.scale, k).numpy(), torch.mul(bias, k).numpy(),
+                            float(RES_MAX), None if shortcut is None else shortcut.contiguous().view(flat).numpy(),
+                            out.view(flat).numpy())
+        return out
 
 
 def to_residual(y: torch.Tensor) -> torch.Tensor:
@@ -334,7 +347,7 @@ class QuantAttnBlock:
     def __init__(self, blk, device, fused: bool = False):
         C = blk.q.weight.shape[0]
         self.norm = QuantNormAct(blk.norm, False, ACT_BITS, device, fused)
-        self.fused = fused  # CPU: the softmax weights as `kernels.softmax_weights`
+        self.fused = fused  # CPU: quantisation, softmax weights and the residual add as `kernels`
         self.q, self.k, self.v = (QuantLinear(lin.weight, lin.bias, self.norm.steps, 2 ** ACT_BITS, EXACT32, device)
                                   for lin in (blk.q, blk.k, blk.v))
         self.proj = QuantLinear(blk.proj_out.weight, blk.proj_out.bias, np.ones(C), 2 ** ACT_BITS, EXACT32, device)
@@ -348,19 +361,26 @@ class QuantAttnBlock:
         B, C, H, W = x.shape
         N = H * W
         a = self.norm(x).flatten(2).transpose(1, 2)  # (B, N, C) integers
-        q, qs = _pow2_quantise(self.q(a, res=False), self.qk_bits)
-        k, ks = _pow2_quantise(self.k(a, res=False), self.qk_bits)
-        v, vs = _pow2_quantise(self.v(a, res=False), V_BITS)
+        if self.fused:
+            q32, qs = self._quantised(self.q, a, self.qk_bits, torch.float32)
+            k32, ks = self._quantised(self.k, a, self.qk_bits, torch.float32)
+            vt, vs = self._quantised(self.v, a, V_BITS, torch.float64, transposed=True)
+        else:
+            q, qs = _pow2_quantise(self.q(a, res=False), self.qk_bits)
+            k, ks = _pow2_quantise(self.k(a, res=False), self.qk_bits)
+            v, vs = _pow2_quantise(self.v(a, res=False), V_BITS)
+            q32, k32, vt = q.to(torch.float32), k.to(torch.float32), v.transpose(1, 2).contiguous()
         # u = round((max − score)·2^8) on the integer scores: |q·k| < 2^23, so max − q·k is exact in float32
         factor = torch.mul(torch.mul(torch.mul(qs, ks), self.inv_sqrt_c), 2.0 ** -SOFTMAX_STEP_LOG2)
         factor = factor.to(torch.float32)  # one correctly rounded conversion per unit
-        q32, k32, vt = q.to(torch.float32), k.to(torch.float32), v.transpose(1, 2).contiguous()
         out = torch.empty(B, N, C, dtype=torch.float64, device=x.device)
         for b0, b1, lo, hi in _chunks(B, N, ATTN_SCORES):
             s = torch.matmul(q32[b0:b1, lo:hi], k32[b0:b1].transpose(1, 2))  # exact integers
             e, den = self._weights(s, factor[b0:b1])
             num = torch.matmul(vt[b0:b1], e.transpose(1, 2)).transpose(1, 2)  # exact: 2^15·2^16·pixels < 2^53
             out[b0:b1, lo:hi] = num.div_(den).mul_(vs[b0:b1].view(-1, 1, 1))
+        if self.fused:
+            return self._output_fused(out, x)
         o, os_ = _pow2_quantise(out, ACT_BITS)
         y = self.proj.acc(o)  # (B, N, C) exact sums of the integer o
         scale = torch.mul(self.proj.scale, float(2 ** RES_BITS)).view(1, 1, -1)
@@ -368,6 +388,31 @@ class QuantAttnBlock:
                       torch.mul(self.proj.bias, float(2 ** RES_BITS)).view(1, 1, -1))
         return torch.add(x, to_residual(y.transpose(1, 2).reshape(B, C, H, W))).clamp_(-RES_MAX, RES_MAX)
 
+    @staticmethod
+    def _quantised(layer: QuantLinear, a: torch.Tensor, bits: int, dtype: torch.dtype,
+                   transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_pow2_quantise(layer(a, res=False), bits)` with `kernels.affine_pow2`: the integers in `dtype`,
+        (B, N, O) or, `transposed`, (B, O, N); and the steps (B,)."""
+        acc = layer.dense_sums(a)
+        B, N, O = acc.shape
+        out = torch.empty((B, O, N) if transposed else (B, N, O), dtype=dtype)
+        steps = torch.empty(B, dtype=torch.float64)
+        kernels.affine_pow2(acc.numpy(), layer.scale.numpy(), layer.bias.numpy(), bits,
+                            (out.transpose(1, 2) if transposed else out).numpy(), steps.numpy())
+        return out, steps
+
+    def _output_fused(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The tail of `__call__` (quantised output, projection, residual add) with `kernels`."""
+        B, C, H, W = x.shape
+        o, os_ = torch.empty(out.shape, dtype=torch.float32), torch.empty(B, dtype=torch.float64)
+        kernels.affine_pow2(out.numpy(), None, None, ACT_BITS, o.numpy(), os_.numpy())
+        y = self.proj.dense_sums(o)  # (B, N, C) exact sums, float32
+        res = torch.empty(B, C, H * W, dtype=torch.float64)
+        k = float(2 ** RES_BITS)
+        kernels.attention_residual(y.numpy(), torch.mul(self.proj.scale, k).numpy(), os_.numpy(),
+                                   torch.mul(self.proj.bias, k).numpy(), float(RES_MAX),
+                                   x.contiguous().view(B, C, H * W).numpy(), res.numpy())
+        return res.view(B, C, H, W)
 
     def _weights(self, s: torch.Tensor, factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Softmax weights e = table[min(rint((max − s)·factor), range)] of integer scores s (U, R, N) float32

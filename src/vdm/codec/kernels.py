@@ -181,19 +181,56 @@ def softmax_weights(s, factor, table, limit, e, den):
 
 
 @_jit
-def scale_round(acc, scale, bias, res_max, shortcut):
-    """In place, acc (B, O, HW) float64 exact sums → the residual stream: clamp(rint(acc·scale[o] + bias[o]),
-    ±res_max), then, given a `shortcut` (B, O, HW), clamp(that + shortcut, ±res_max): `intnet.QuantLinear
-    .residual`'s operations (a product, then a sum: two roundings)."""
+def scale_round(acc, scale, bias, res_max, shortcut, out):
+    """acc (B, O, HW) exact sums (float32 or float64) → the residual stream `out` (B, O, HW) float64 (may be
+    acc itself): clamp(rint(acc·scale[o] + bias[o]), ±res_max), then, given a `shortcut` (B, O, HW),
+    clamp(that + shortcut, ±res_max): `intnet.QuantLinear.residual`'s operations (a product, then a sum: two
+    roundings)."""
     B, O, HW = acc.shape
     lo, hi = np.float64(-res_max), np.float64(res_max)
     for b in range(B):
         for o in range(O):
             sk, bk = scale[o], bias[o]
-            values = acc[b, o]
+            values, dest = acc[b, o], out[b, o]
             for i in range(HW):
-                values[i] = min(max(np.rint(values[i] * sk + bk), lo), hi)
+                dest[i] = min(max(np.rint(values[i] * sk + bk), lo), hi)
             if shortcut is not None:
                 add = shortcut[b, o]
                 for i in range(HW):
-                    values[i] = min(max(values[i] + add[i], lo), hi)
+                    dest[i] = min(max(dest[i] + add[i], lo), hi)
+
+
+@_jit
+def affine_pow2(acc, scale, bias, bits, out, steps):
+    """Per unit b of acc (B, N, O): y = acc·scale[o] + bias[o] (float64, a product then a sum; y = acc when
+    `scale` is None), a power-of-two step 2^e with max|y| ≤ 2^bits·2^e (frexp of the maximum), `out` =
+    rint(y/step) and `steps[b]` = step: `intnet._pow2_quantise` of a layer's outputs."""
+    B, N, O = acc.shape
+    for b in range(B):
+        top = 0.0
+        for n in range(N):
+            for o in range(O):
+                y = np.float64(acc[b, n, o]) if scale is None else acc[b, n, o] * scale[o] + bias[o]
+                top = max(top, abs(y))
+        step = math.ldexp(1.0, math.frexp(top)[1] - bits)
+        steps[b] = step
+        for n in range(N):
+            for o in range(O):
+                y = np.float64(acc[b, n, o]) if scale is None else acc[b, n, o] * scale[o] + bias[o]
+                out[b, n, o] = np.rint(y / step)
+
+
+@_jit
+def attention_residual(acc, scale, steps, bias, res_max, x, out):
+    """out (B, C, N) = clamp(x + clamp(rint((acc·scale[c])·steps[b] + bias[c]), ±res_max), ±res_max) for the
+    projection's exact sums acc (B, N, C) and the residual stream x (B, C, N): the end of
+    `intnet.QuantAttnBlock`."""
+    B, N, C = acc.shape
+    lo, hi = np.float64(-res_max), np.float64(res_max)
+    for b in range(B):
+        step = steps[b]
+        for c in range(C):
+            sc, bc = scale[c], bias[c]
+            for n in range(N):
+                v = min(max(np.rint((acc[b, n, c] * sc) * step + bc), lo), hi)
+                out[b, c, n] = min(max(x[b, c, n] + v, lo), hi)
