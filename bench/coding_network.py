@@ -29,6 +29,9 @@ from vdm.pretrained import load_default_model
 
 PARTS = {  # (class, method) → label
     (intnet.QuantLinear, "acc"): "convolutions and dense layers (exact integer sums)",
+    (intnet.QuantLinear, "_acc_fused"): "convolutions and dense layers (exact integer sums)",
+    (intnet.QuantLinear, "dense_sums"): "convolutions and dense layers (exact integer sums)",
+    (intnet.QuantAttnBlock, "_quantised"): "attention: q, k, v quantisation",
     (intnet.QuantLinear, "__call__"): "output scale and bias",
     (intnet.QuantLinear, "residual"): "output scale and bias, rounded to the residual stream",
     (intnet.QuantNormAct, "__call__"): "GroupNorm + swish lookup",
@@ -58,7 +61,8 @@ def instrument() -> dict[str, float]:
         return timed
 
     for (cls, name), label in PARTS.items():
-        setattr(cls, name, wrap(getattr(cls, name), label))
+        timed = wrap(getattr(cls, name), label)
+        setattr(cls, name, staticmethod(timed) if isinstance(cls.__dict__[name], staticmethod) else timed)
     return spent
 
 
