@@ -121,7 +121,7 @@ class QuantLinear:
         self.bias = torch.from_numpy(_np(bias) if bias is not None else np.zeros(len(scale))).to(device)
         self.a_max = a_max
         self.in_range = in_range  # inputs never exceed ±a_max (the residual stream): no clamping pass
-        self.fused = fused  # CPU: the clamp and the scatter of a 3×3 convolution's spikes as `kernels`
+        self.fused = fused  # CPU, 3×3: the clamp, the scatter of spikes and `residual`'s rounding as `kernels`
 
     def acc(self, a: torch.Tensor) -> torch.Tensor:
         """The exact integer sums (float64 tensor): a is (B, I, H, W) for kernels, (B, N, I) for dense.
@@ -131,10 +131,11 @@ class QuantLinear:
         many, their clamped part goes through a second exact convolution first. Every path gives the exact
         integer sums, so which one runs does not change the result."""
         x = a.to(self.weight.dtype)
-        if self.kernel == 3 and self.fused:
-            out = self._acc_fused(x)
-            if out is not None:
-                return out
+        out = self._acc_fused(x) if self.kernel == 3 and self.fused else None
+        return out if out is not None else self._acc_plain(x)
+
+    def _acc_plain(self, x: torch.Tensor) -> torch.Tensor:
+        """`acc` with torch operations, for x already in the weights' dtype."""
         if self.kernel == 3:
             lo, hi = torch.aminmax(x)
             if -self.a_max <= float(lo) and float(hi) <= self.a_max:
@@ -150,12 +151,12 @@ class QuantLinear:
                 excess = torch.sub(excess, part)
             self._spikes(out, excess)
             return out
-        if a.dim() == 4:
+        if x.dim() == 4:
             if not self.in_range:
                 x = x.clamp(-self.a_max, self.a_max)
             B, I, H, W = x.shape
             return torch.matmul(self.weight, x.reshape(B, I, H * W)).reshape(B, -1, H, W).to(torch.float64)
-        return self.dense_sums(a).to(torch.float64)
+        return self.dense_sums(x).to(torch.float64)
 
     def dense_sums(self, a: torch.Tensor) -> torch.Tensor:
         """A dense layer's exact integer sums for a (B, N, I), in the weights' dtype (B, N, O)."""
@@ -216,12 +217,13 @@ class QuantLinear:
     def residual(self, a: torch.Tensor, extra_bias: torch.Tensor | None = None,
                  shortcut: torch.Tensor | None = None) -> torch.Tensor:
         """`to_residual` of the outputs, then + `shortcut` (clamped again) if given: the residual stream."""
-        if not (self.fused and a.dim() == 4):
+        if not (self.fused and self.kernel == 3):
             y = to_residual(self(a, extra_bias))
             return y if shortcut is None else y.add_(shortcut).clamp_(-RES_MAX, RES_MAX)
-        y = self._acc_fused(a.to(self.weight.dtype), narrow=True) if self.kernel == 3 else None
-        if y is None:
-            y = self.acc(a)
+        x = a.to(self.weight.dtype)
+        y = self._acc_fused(x, narrow=True)
+        if y is None:  # too many spikes to scatter: the torch path's dense route (not the split again)
+            y = self._acc_plain(x)
         out = y if y.dtype == torch.float64 else torch.empty(y.shape, dtype=torch.float64)
         k = float(2 ** RES_BITS)
         bias = self.bias if extra_bias is None else torch.add(self.bias, extra_bias)

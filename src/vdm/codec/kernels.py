@@ -1,8 +1,9 @@
 """Compiled CPU kernels of the coding network: its elementwise passes fused, with the same bits as its torch ops.
 
 `intnet` computes GroupNorm + lookup, the split of a convolution's inputs at its clamp, the scatter of the
-inputs beyond it, and the attention's softmax weights with torch operations on any device; on the CPU these
-kernels (numba, compiled on first use and cached) do the same in one pass over the data instead of five to ten.
+inputs beyond it, the rounding to the residual stream, and the attention block's quantisation, softmax weights
+and residual add with torch operations on any device; on the CPU these kernels (numba, compiled on first use
+and cached) do the same in one pass over the data instead of five to ten.
 They perform the same IEEE-754 operations in the same order on each element — integer sums, which are exact in
 any order, and correctly rounded products, quotients, square roots and roundings to an integer, none of them
 fused (numba does not contract a·b + c into an FMA unless told to) — so they give exactly the torch path's
