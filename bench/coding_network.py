@@ -3,7 +3,8 @@
 Times one evaluation of ε̂ for `--units` units of the packaged model's training size (32×32) with the float
 network (`VDM.eps_hat`, float32) and with the exact coding network (`vdm.codec.intnet.CodingNetwork`, what
 `vdm compress` and `vdm decompress` run), median of `--repeats` runs at five noise levels, and splits the coding
-network's time by part (exclusive times: a part's own work, not the parts it calls). The latents are what the
+network's time by part (exclusive times: a part's own work, not the parts it calls) and the float network's by
+kind of operation (`torch.profiler` self times, so the two can be set side by side). The latents are what the
 codec sees: z_γ = α_γ·x + σ_γ·ε for held-out test tiles x (`--random` for standard normal z instead). The three
 are timed in alternating rounds (this machine's speed drifts); the coding network twice: with its compiled CPU
 kernels (`vdm.codec.kernels`, what the codec runs on a CPU) and with torch operations only (its path on other
@@ -66,6 +67,42 @@ def instrument() -> dict[str, float]:
     return spent
 
 
+FLOAT_OPS = (  # (label, substrings of the profiler's op names), first match wins
+    ("convolutions", ("convolution", "conv2d")),
+    ("attention (fused scaled dot-product kernel)", ("scaled_dot_product", "flash_attention")),
+    ("matrix products (dense layers, attention)", ("bmm", "addmm", "aten::mm", "matmul", "linear")),
+    ("softmax", ("softmax",)),
+    ("GroupNorm", ("group_norm",)),
+    ("swish", ("silu", "sigmoid")),
+)
+
+
+def part_table(title: str, runs: list[dict[str, float]], evaluations: int) -> None:
+    """Median over runs of each part's ms per evaluation, as a markdown table."""
+    labels = {label for run in runs for label in run}
+    ms = {label: statistics.median(run.get(label, 0.0) for run in runs) * 1e3 / evaluations for label in labels}
+    total = sum(ms.values())
+    print(f"| {title} | ms per evaluation | share |\n|---|---|---|")
+    for label, m in sorted(ms.items(), key=lambda kv: -kv[1]):
+        print(f"| {label} | {m:.1f} | {m / total:.0%} |")
+    print(f"| all parts (median of {len(runs)} runs each) | {total:.1f} | |\n")
+
+
+def float_parts(call, repeats: int) -> list[dict[str, float]]:
+    """The float network's time by kind of operation (torch.profiler self times, seconds), one dict per run."""
+    from torch.profiler import ProfilerActivity, profile
+    runs = []
+    for _ in range(repeats):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            call()
+        spent: dict[str, float] = defaultdict(float)
+        for ev in prof.key_averages():
+            label = next((name for name, keys in FLOAT_OPS if any(k in ev.key for k in keys)), "the rest")
+            spent[label] += ev.self_cpu_time_total / 1e6
+        runs.append(spent)
+    return runs
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=1)
@@ -114,12 +151,14 @@ def main() -> None:
           f"per evaluation (median of {args.repeats})")
     print(f"float network:  {f * 1e3:.1f} ms\ncoding network: {c * 1e3:.1f} ms ({c / f:.2f}× the float network)\n"
           f"coding network, torch operations only: {t * 1e3:.1f} ms ({t / f:.2f}×)\n")
+    part_table("part of the float network (profiler, self time)", float_parts(float_call, args.repeats), len(gammas))
     spent = instrument()
-    coding_call()
-    total = sum(spent.values())
-    print("| part of the coding network | ms per evaluation | share |\n|---|---|---|")
-    for label, s in sorted(spent.items(), key=lambda kv: -kv[1]):
-        print(f"| {label} | {s / len(gammas) * 1e3:.1f} | {s / total:.0%} |")
+    runs = []
+    for _ in range(args.repeats):
+        spent.clear()
+        coding_call()
+        runs.append(dict(spent))
+    part_table("part of the coding network", runs, len(gammas))
 
 
 if __name__ == "__main__":
