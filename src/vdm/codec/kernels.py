@@ -63,21 +63,22 @@ def _moments(x, lo, hi):
 
 
 @_jit
-def _row_sum(x):
-    """Σx as four partial sums: exact for integers whose partial sums stay below 2^53."""
-    a0 = a1 = a2 = a3 = 0.0
+def _row_max(x):
+    """max(x) of a non-empty row without NaNs, as four partial maxima (a loop the compiler vectorises; the
+    maximum is the same in any order)."""
     n = len(x)
+    m0 = m1 = m2 = m3 = x[0]
     i = 0
     while i + 4 <= n:
-        a0 += x[i]
-        a1 += x[i + 1]
-        a2 += x[i + 2]
-        a3 += x[i + 3]
+        m0 = max(m0, x[i])
+        m1 = max(m1, x[i + 1])
+        m2 = max(m2, x[i + 2])
+        m3 = max(m3, x[i + 3])
         i += 4
     while i < n:
-        a0 += x[i]
+        m0 = max(m0, x[i])
         i += 1
-    return (a0 + a1) + (a2 + a3)
+    return max(max(m0, m1), max(m2, m3))
 
 
 @_jit
@@ -170,15 +171,25 @@ def softmax_weights(s, factor, table, limit, e, den):
         f = factor[b]
         for r in range(R):
             scores = s[b, r]
-            m = scores[0]
-            for j in range(1, N):
-                m = max(m, scores[j])
+            m = _row_max(scores)
             for j in range(N):  # table rows (a loop the compiler vectorises) …
                 index[j] = np.int32(min(np.rint((m - scores[j]) * f), limit))
             weights = e[b, r]
-            for j in range(N):  # … then the lookups
+            a0 = a1 = a2 = a3 = 0.0  # … then the lookups and their sum (exact: integers below 2^53)
+            j = 0
+            while j + 4 <= N:
+                w0, w1, w2, w3 = table[index[j]], table[index[j + 1]], table[index[j + 2]], table[index[j + 3]]
+                weights[j], weights[j + 1], weights[j + 2], weights[j + 3] = w0, w1, w2, w3
+                a0 += w0
+                a1 += w1
+                a2 += w2
+                a3 += w3
+                j += 4
+            while j < N:
                 weights[j] = table[index[j]]
-            den[b, r] = _row_sum(weights)
+                a0 += weights[j]
+                j += 1
+            den[b, r] = (a0 + a1) + (a2 + a3)
 
 
 @_jit
