@@ -11,6 +11,7 @@ kernels (`vdm.codec.kernels`, what the codec runs on a CPU) and with torch opera
 devices), which give the same bits.
 
     OMP_NUM_THREADS=1 python bench/coding_network.py --threads 1
+    OMP_NUM_THREADS=1 python bench/coding_network.py --threads 1 --format 5   # + format 5's coding network
 """
 
 from __future__ import annotations
@@ -109,6 +110,8 @@ def main() -> None:
     p.add_argument("--units", type=int, default=8, help="units per evaluation (vdm compress uses 8)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--random", action="store_true", help="standard normal latents instead of noised test tiles")
+    p.add_argument("--format", type=int, action="append", default=[],
+                   help="also time the coding network of this older format version (repeatable; e.g. 5)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model = load_default_model().eval()
@@ -137,6 +140,9 @@ def main() -> None:
                 network.eps(z, g)
 
     calls = {"float": float_call, "coding": coding_call, "plain": lambda: coding_call(plain)}
+    for v in args.format:
+        older = intnet.CodingNetwork(model, version=v)
+        calls[f"format {v}"] = lambda older=older: coding_call(older)
     runs: dict[str, list[float]] = defaultdict(list)
     for fn in calls.values():
         fn()  # warm-up (and the kernels' compilation)
@@ -145,12 +151,16 @@ def main() -> None:
             start = time.perf_counter()
             fn()
             runs[name].append((time.perf_counter() - start) / len(gammas))
-    f, c, t = (statistics.median(runs[name]) for name in calls)
+    f, c, t = (statistics.median(runs[name]) for name in ("float", "coding", "plain"))
     print(f"{cpu_name()}, torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), {args.threads} "
           f"thread(s); {args.units} units of 32×32 ({'standard normal' if args.random else 'noised test tiles'}), "
           f"per evaluation (median of {args.repeats})")
     print(f"float network:  {f * 1e3:.1f} ms\ncoding network: {c * 1e3:.1f} ms ({c / f:.2f}× the float network)\n"
-          f"coding network, torch operations only: {t * 1e3:.1f} ms ({t / f:.2f}×)\n")
+          f"coding network, torch operations only: {t * 1e3:.1f} ms ({t / f:.2f}×)")
+    for v in args.format:
+        o = statistics.median(runs[f"format {v}"])
+        print(f"coding network of format {v} (kernels): {o * 1e3:.1f} ms ({o / f:.2f}×; this format's {c / o:.3f}× it)")
+    print()
     part_table("part of the float network (profiler, self time)", float_parts(float_call, args.repeats), len(gammas))
     spent = instrument()
     runs = []

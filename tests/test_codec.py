@@ -114,6 +114,20 @@ def test_network_gives_the_same_bits_on_any_number_of_threads(model, monkeypatch
                 assert np.array_equal(a.view(np.uint64), b.view(np.uint64))
 
 
+def test_the_thread_count_does_not_change_the_file(model):
+    """The encoder's thread count is recorded (the decoder's default) but keys nothing: with 1 and 2 threads
+    the same images give the same payload, and either file decodes with any thread count."""
+    import dataclasses
+    images = some_images(1)
+    one = compress_images(images, model, FAST)
+    two = compress_images(images, model, dataclasses.replace(FAST, threads=2))
+    assert read_header(one).params.threads == 1 and read_header(two).params.threads == 2
+    assert read_header(one).payload.tobytes() == read_header(two).payload.tobytes()
+    for data, threads in ((one, 2), (two, 1)):
+        for got, want in zip(decompress_images(data, model, threads=threads), images, strict=True):
+            np.testing.assert_array_equal(got.pixels.reshape(want.shape), want)
+
+
 def test_stage_round_trip_restores_the_stack_exactly(model):
     """Decoding a stage pops exactly what encoding pushed: the ANS stack returns to its initial words."""
     chain = make_chain(gammas(model, 2), 3)
@@ -219,7 +233,7 @@ def test_chain_elbo_with_the_even_grid_is_the_discrete_time_elbo():
 class WienerCoding:
     """Stands in for the coding network of a WienerVDM: its closed-form ε̂ in float64."""
 
-    def __init__(self, model, device="cpu"):
+    def __init__(self, model, device="cpu", version=None):
         self.s = model.s
 
     def eps(self, z, gamma, conditioning=0.0):

@@ -173,6 +173,32 @@ def test_the_compiled_kernels_agree_at_the_limits_of_the_residual_stream(package
             assert torch.equal(got, want) and float(got.abs().max()) == intnet.RES_MAX
 
 
+def test_attention_sums_over_blocks_of_keys_are_exact(packaged, coding):
+    """Format 6's weighted sums Σ e·v: float32 over blocks of 1,024 keys, the blocks added in float64. Over 2,500
+    keys (three blocks, the last partial), with every weight and value at the top of its grid (each full
+    block's sum is exactly 2^24) and with random ones, they equal the integer sums; and a 48×40 unit (1,920
+    pixels: two blocks) through the attention block gives the bits of float64 sums, on both paths."""
+    att = coding.mid_attn
+    assert att.key_block == 1024 and att.sum_dtype == torch.float32
+    top_e, top_v = int(att.exp_table.max()), 2 ** att.v_bits
+    assert top_e * top_v * att.key_block == 2 ** 24
+    g = torch.Generator().manual_seed(5)
+    e = torch.randint(0, top_e + 1, (2, 5, 2500), generator=g).float()
+    vt = torch.randint(-top_v, top_v + 1, (2, 3, 2500), generator=g).float()
+    e[0], vt[0] = top_e, top_v
+    want = np.einsum("bcn,brn->bcr", vt.numpy().astype(np.int64), e.numpy().astype(np.int64))
+    assert float(want.max()) == 2500 * 2 ** 14
+    assert np.array_equal(att._weighted_sums(vt, e).numpy(), want.astype(np.float64))
+    wide = intnet.QuantAttnBlock.__new__(intnet.QuantAttnBlock)  # the same grids, summed in float64 at once
+    wide.__dict__.update(att.__dict__, key_block=None, sum_dtype=torch.float64, exp_table=att.exp_table.double())
+    plain = CodingNetwork(packaged, fused=False).mid_attn
+    x = torch.from_numpy(np.random.default_rng(4).integers(-2 ** 12, 2 ** 12, (1, packaged.config.n_embd, 48, 40))
+                         .astype(np.float64))
+    with exact_arithmetic(1):
+        got = att(x.clone())
+        assert torch.equal(got, plain(x.clone())) and torch.equal(got, wide(x.clone()))
+
+
 def test_without_numba_the_cpu_runs_the_torch_operations(packaged, monkeypatch):
     from vdm.codec import kernels
     monkeypatch.setattr(kernels, "AVAILABLE", False)
@@ -210,10 +236,11 @@ def test_a_file_decodes_exactly_in_another_process_with_other_kernels(tmp_path, 
     np.testing.assert_array_equal(np.load(tmp_path / "out" / "crop.npy"), img)
 
 
-@pytest.mark.parametrize("version", [4, 5])
+@pytest.mark.parametrize("version", [4, 5, 6])
 def test_files_of_every_readable_format_version_keep_decoding(version, device):
-    """Files written with format versions 4 and 5 (tests/fixtures/codec, made on a CPU by `vdm compress photo.npy
-    --steps 6` with the packaged model of the time) decode to their photo on the device under test: any change
+    """Files written with format versions 4, 5 and 6 (tests/fixtures/codec, made on a CPU by `vdm compress
+    photo.npy --steps 6` with the packaged model of the time; version 6 with `--tile 0`, so its 48×40 mirror
+    mosaic sums attention over two blocks of keys) decode to their photo on the device under test: any change
     to the coding arithmetic that would strand existing files fails here."""
     from vdm.codec import decompress_images, read_header
     from vdm.pretrained import load_packaged_model

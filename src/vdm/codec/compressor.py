@@ -25,8 +25,8 @@ import torch
 
 from vdm.codec import bitsback, tiling
 from vdm.codec.chain import Chain, chain_gammas, make_chain
-from vdm.codec.container import (FINGERPRINT_BYTES, MODES, CodecFormatError, CodingParams, Container, coding_key,
-                                 ImageInfo, pack, unpack)
+from vdm.codec.container import (FINGERPRINT_BYTES, MODES, VERSION, CodecFormatError, CodingParams, Container,
+                                 ImageInfo, coding_key, pack, unpack)
 from vdm.codec.fingerprint import model_fingerprint
 from vdm.codec.intnet import CodingNetwork, exact_arithmetic
 
@@ -126,8 +126,8 @@ class _Network:
     thread (the units are independent and every evaluation is exact, so the bits are the same).
     """
 
-    def __init__(self, model, chain: Chain, conditioning: float = 0.0, threads: int = 1):
-        self.net = CodingNetwork(model, model.device)
+    def __init__(self, model, chain: Chain, conditioning: float = 0.0, threads: int = 1, version: int = VERSION):
+        self.net = CodingNetwork(model, model.device, version=version)
         self.chain, self.conditioning = chain, conditioning
         self.context = int(model.config.image_size)
         self.threads = min(threads, os.cpu_count() or 1) if model.device.type == "cpu" else 1
@@ -287,7 +287,7 @@ def decompress_images(data: bytes, model, progress: bool = False, threads: int |
     ends = np.cumsum(c.stages)
     bar = _bar(sum(u.h * u.w for u in units), "decompressing", progress)
     try:
-        with _Network(model, chain, params.conditioning, threads) as net, exact_arithmetic(threads):
+        with _Network(model, chain, params.conditioning, threads, c.version) as net, exact_arithmetic(threads):
             for si in range(len(c.stages) - 1, -1, -1):
                 end, size = ends[si], c.stages[si]
                 stage = units[end - size:end]

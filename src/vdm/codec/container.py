@@ -3,7 +3,8 @@
 Layout (integers are unsigned LEB128 varints unless a size is given; multi-byte fixed fields little-endian):
 
     magic        4 bytes  b"VDMC"
-    version      1 byte   (5; version 4 files, which lack the spacing fields, are still read)
+    version      1 byte   (6; versions 5 and 4 are still read: 4 lacks the spacing fields, both use the
+                 attention arithmetic of `intnet.ATTENTION_GRIDS` and key the thread count, see `coding_key`)
     fingerprint 16 bytes  first 16 bytes of the model's SHA-256 fingerprint (`fingerprint.py`)
     steps, grid_bits, tile, warmup, batch, threads, seed_words   7 varints (the coding parameters; seed_words:
                  the number of initial words of the ANS stack)
@@ -33,8 +34,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 MAGIC = b"VDMC"
-VERSION = 5
-READABLE_VERSIONS = (4, 5)  # version 4: the chain uniform in t, no spacing fields
+VERSION = 6
+READABLE_VERSIONS = (4, 5, 6)  # 4: the chain uniform in t, no spacing fields; 4, 5: older attention grids
 FINGERPRINT_BYTES = 16
 MODES = {0: (1, 2), 1: (1, 3), 2: (3, 3)}  # mode → (channels, array dimensions)
 MAX_SIDE = 1 << 16  # largest height or width accepted from a file
@@ -213,13 +214,14 @@ def _spacing(p: CodingParams) -> bytes:
 
 def coding_key(fingerprint: bytes, params: CodingParams, images: list[ImageInfo], version: int = VERSION) -> bytes:
     """SHA-256 of what the header says before coding starts: b"vdm-coding-key", the version byte, the 16-byte
-    fingerprint, the six coding-parameter varints, the float64 conditioning, (version 5) the spacing fields and
-    the image table, laid out as in the file. The masks and top-up words of the stream are derived from it, so a
-    header altered after encoding (its checksum recomputed) no longer decodes: the stream fails its checks
-    instead of yielding other pixels."""
+    fingerprint, the coding-parameter varints but threads (versions 4 and 5: all six), the float64
+    conditioning, (versions ≥ 5) the spacing fields and the image table, laid out as in the file. The masks and
+    top-up words of the stream are derived from it, so a header altered after encoding (its checksum
+    recomputed) no longer decodes: the stream fails its checks instead of yielding other pixels. The thread
+    count, a performance setting, is left out so that it never changes a file (version 6)."""
     p = params
     h = hashlib.sha256(b"vdm-coding-key" + bytes([version]) + bytes(fingerprint))
-    for v in (p.steps, p.grid_bits, p.tile, p.warmup, p.batch, p.threads):
+    for v in (p.steps, p.grid_bits, p.tile, p.warmup, p.batch) + ((p.threads,) if version < 6 else ()):
         h.update(_varint(v))
     h.update(struct.pack("<d", p.conditioning))
     if version >= 5:

@@ -19,8 +19,9 @@ which every quantity that decides a coding distribution is an integer or a corre
   `NORM_STEP` within ±`NORM_RANGE`; the channel's affine map and the swish that follows are a lookup table
   (computed with `detmath`) from that grid straight to the next convolution's integer input.
 - Attention: q·k on integers with per-unit power-of-two scales, softmax weights from a table of
-  2^`SOFTMAX_BITS`·e^−d on a grid of `SOFTMAX_STEP` (d = row maximum − score), their products with v summed in
-  float64 below 2^53.
+  round(2^s·e^−d) on a grid of `SOFTMAX_STEP` (d = row maximum − score), values v on a per-unit power-of-two
+  grid of |v| ≤ 2^v, their products summed exactly: format 6 (s, v) = (7, 7), float32 sums over blocks of
+  2^(24 − s − v) = 1,024 keys, added in float64; formats 4 and 5 (15, 16), float64 sums (`ATTENTION_GRIDS`).
 - The time conditioning (sinusoidal embedding, the two dense layers, each block's projection) is computed once
   per chain step with `detmath` and correctly rounded dot products.
 
@@ -37,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from vdm.codec import detmath, kernels
+from vdm.codec.container import VERSION
 
 EXACT32 = 2 ** 24  # |partial sums| of float32 integer products stay within this: exact in any order
 EXACT64 = 2 ** 53
@@ -53,8 +55,9 @@ Z_RANGE = 16.0  # … clamped to ±16 (|a| ≤ 2^30, summed in float64)
 QK_BITS_MAX = 9  # attention queries/keys: |q|, |k| ≤ 2^QK_BITS with C·2^(2·QK_BITS) ≤ 2^24
 SOFTMAX_STEP_LOG2 = -8  # d = max − score on a grid of 2^−8 …
 SOFTMAX_RANGE = 24 * 256  # … up to 24 (e^−24 ≈ 4e−11, treated as 24)
-SOFTMAX_BITS = 15  # softmax weights round(2^15·e^−d)
-V_BITS = 16  # attention values: |v| ≤ 2^16 (per-unit power-of-two scale); 2^15·2^16·(pixels ≤ 2^16) < 2^53
+ATTENTION_GRIDS = {4: (15, 16), 5: (15, 16), 6: (7, 7)}  # format version → (s, v): softmax weights
+# round(2^s·e^−d), values |v| ≤ 2^v (per-unit power-of-two step). s + v ≤ 24: float32 sums over blocks of
+# 2^(24 − s − v) keys; otherwise float64 sums (2^15·2^16·(pixels ≤ 2^16) < 2^53)
 ATTN_SCORES = 1 << 18  # attention scores computed at a time (any number gives the same bits)
 SPIKES_PER_CONV = 1000  # above one spike per this many inputs, a dense convolution takes the bulk of them …
 FUSED_SPIKES_PER_CONV = 64  # … or per this many with the compiled kernels, whose scatter is faster
@@ -346,7 +349,8 @@ def _chunks(B: int, N: int, most: int):
 class QuantAttnBlock:
     """Single-head self-attention over the unit's pixels, exact as described in the module docstring."""
 
-    def __init__(self, blk, device, fused: bool = False):
+    def __init__(self, blk, device, fused: bool = False, grids: tuple[int, int] = ATTENTION_GRIDS[VERSION]):
+        """`grids`: (s, v) of `ATTENTION_GRIDS`, the file format's."""
         C = blk.q.weight.shape[0]
         self.norm = QuantNormAct(blk.norm, False, ACT_BITS, device, fused)
         self.fused = fused  # CPU: quantisation, softmax weights and the residual add as `kernels`
@@ -355,9 +359,13 @@ class QuantAttnBlock:
         self.proj = QuantLinear(blk.proj_out.weight, blk.proj_out.bias, np.ones(C), 2 ** ACT_BITS, EXACT32, device)
         self.qk_bits = min(QK_BITS_MAX, int(math.floor((24 - math.log2(C)) / 2)))
         self.inv_sqrt_c = 1.0 / math.sqrt(C)
+        softmax_bits, self.v_bits = grids
+        # weighted sums: float32 over blocks of `key_block` keys (every partial sum ≤ 2^24), or float64
+        self.key_block = 2 ** (24 - softmax_bits - self.v_bits) if softmax_bits + self.v_bits <= 24 else None
+        self.sum_dtype = torch.float32 if self.key_block else torch.float64
         d = np.arange(SOFTMAX_RANGE + 1, dtype=np.float64) * 2.0 ** SOFTMAX_STEP_LOG2
-        self.exp_table = torch.from_numpy(np.rint(np.multiply(detmath.exp(np.negative(d)), 2.0 ** SOFTMAX_BITS))
-                                          ).to(device=device, dtype=torch.float64)
+        self.exp_table = torch.from_numpy(np.rint(np.multiply(detmath.exp(np.negative(d)), 2.0 ** softmax_bits))
+                                          ).to(device=device, dtype=self.sum_dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
@@ -366,12 +374,13 @@ class QuantAttnBlock:
         if self.fused:
             q32, qs = self._quantised(self.q, a, self.qk_bits, torch.float32)
             k32, ks = self._quantised(self.k, a, self.qk_bits, torch.float32)
-            vt, vs = self._quantised(self.v, a, V_BITS, torch.float64, transposed=True)
+            vt, vs = self._quantised(self.v, a, self.v_bits, self.sum_dtype, transposed=True)
         else:
             q, qs = _pow2_quantise(self.q(a, res=False), self.qk_bits)
             k, ks = _pow2_quantise(self.k(a, res=False), self.qk_bits)
-            v, vs = _pow2_quantise(self.v(a, res=False), V_BITS)
-            q32, k32, vt = q.to(torch.float32), k.to(torch.float32), v.transpose(1, 2).contiguous()
+            v, vs = _pow2_quantise(self.v(a, res=False), self.v_bits)
+            q32, k32 = q.to(torch.float32), k.to(torch.float32)
+            vt = v.transpose(1, 2).to(self.sum_dtype).contiguous()
         # u = round((max − score)·2^8) on the integer scores: |q·k| < 2^23, so max − q·k is exact in float32
         factor = torch.mul(torch.mul(torch.mul(qs, ks), self.inv_sqrt_c), 2.0 ** -SOFTMAX_STEP_LOG2)
         factor = factor.to(torch.float32)  # one correctly rounded conversion per unit
@@ -379,7 +388,7 @@ class QuantAttnBlock:
         for b0, b1, lo, hi in _chunks(B, N, ATTN_SCORES):
             s = torch.matmul(q32[b0:b1, lo:hi], k32[b0:b1].transpose(1, 2))  # exact integers
             e, den = self._weights(s, factor[b0:b1])
-            num = torch.matmul(vt[b0:b1], e.transpose(1, 2)).transpose(1, 2)  # exact: 2^15·2^16·pixels < 2^53
+            num = self._weighted_sums(vt[b0:b1], e).transpose(1, 2)
             out[b0:b1, lo:hi] = num.div_(den).mul_(vs[b0:b1].view(-1, 1, 1))
         if self.fused:
             return self._output_fused(out, x)
@@ -416,11 +425,24 @@ class QuantAttnBlock:
                                    x.contiguous().view(B, C, H * W).numpy(), res.numpy())
         return res.view(B, C, H, W)
 
+    def _weighted_sums(self, vt: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """Σ_keys v·e, exact, float64 (U, C, R), of values vt (U, C, N) and weights e (U, R, N) on the grids:
+        float32 sums over blocks of `key_block` keys added in float64, or one float64 sum."""
+        N = e.shape[2]
+        if self.key_block is None or N <= self.key_block:
+            return torch.matmul(vt, e.transpose(1, 2)).to(torch.float64)
+        out = None
+        for k0 in range(0, N, self.key_block):
+            k1 = min(N, k0 + self.key_block)
+            part = torch.matmul(vt[:, :, k0:k1], e[:, :, k0:k1].transpose(1, 2)).to(torch.float64)
+            out = part if out is None else out.add_(part)
+        return out
+
     def _weights(self, s: torch.Tensor, factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Softmax weights e = table[min(rint((max − s)·factor), range)] of integer scores s (U, R, N) float32
-        (consumed) and their row sums (U, R, 1), float64."""
+        (consumed), in the sums' dtype, and their row sums (U, R, 1), float64."""
         if self.fused:
-            e = torch.empty(s.shape, dtype=torch.float64)
+            e = torch.empty(s.shape, dtype=self.sum_dtype)
             den = torch.empty(s.shape[:2] + (1,), dtype=torch.float64)
             kernels.softmax_weights(s.numpy(), factor.contiguous().numpy(), self.exp_table.numpy(),
                                     np.float32(SOFTMAX_RANGE), e.numpy(), den.numpy()[:, :, 0])
@@ -428,15 +450,18 @@ class QuantAttnBlock:
         d = s.sub_(s.amax(2, keepdim=True)).neg_()  # max − score, in place
         u = d.mul_(factor.view(-1, 1, 1)).round_().clamp_(max=SOFTMAX_RANGE)
         e = self.exp_table.index_select(0, u.to(torch.int64).view(-1)).view(u.shape)
-        return e, e.sum(2, keepdim=True)
+        return e, e.sum(2, keepdim=True, dtype=torch.float64)
 
 
 class CodingNetwork:
     """ε̂(z_t; γ_t) of `model` computed exactly (see the module docstring); built from the model's weights."""
 
-    def __init__(self, model, device: str | torch.device = "cpu", fused: bool | None = None):
+    def __init__(self, model, device: str | torch.device = "cpu", fused: bool | None = None, version: int = VERSION):
         """`fused`: the compiled CPU `kernels` for the elementwise passes (default: on the CPU, where numba is
-        importable); the same bits as the torch operations, which run on other devices (and with `fused=False`)."""
+        importable); the same bits as the torch operations, which run on other devices (and with `fused=False`).
+        `version`: the file format whose arithmetic to follow (a key of `ATTENTION_GRIDS`)."""
+        if version not in ATTENTION_GRIDS:
+            raise ValueError(f"no coding network for format version {version}")
         net = model.score_model
         cfg = model.config
         self.device = torch.device(device)
@@ -455,14 +480,15 @@ class CodingNetwork:
         if w_in.shape[1] > C:
             self.conv_in_f = QuantLinear(w_in[:, C:], None, np.full(w_in.shape[1] - C, 2.0 ** -FOURIER_BITS),
                                          2 ** FOURIER_BITS, EXACT32, self.device)
+        grids = ATTENTION_GRIDS[version]
         self.down = [QuantResBlock(b, self.device, fused) for b in net.down]
-        self.down_attn = [QuantAttnBlock(a, self.device, fused) if not isinstance(a, torch.nn.Identity) else None
+        self.down_attn = [QuantAttnBlock(a, self.device, fused, grids) if not isinstance(a, torch.nn.Identity) else None
                           for a in net.down_attn]
         self.mid1 = QuantResBlock(net.mid_block1, self.device, fused)
-        self.mid_attn = QuantAttnBlock(net.mid_attn, self.device, fused)
+        self.mid_attn = QuantAttnBlock(net.mid_attn, self.device, fused, grids)
         self.mid2 = QuantResBlock(net.mid_block2, self.device, fused)
         self.up = [QuantResBlock(b, self.device, fused) for b in net.up]
-        self.up_attn = [QuantAttnBlock(a, self.device, fused) if not isinstance(a, torch.nn.Identity) else None
+        self.up_attn = [QuantAttnBlock(a, self.device, fused, grids) if not isinstance(a, torch.nn.Identity) else None
                         for a in net.up_attn]
         self.norm_out = QuantNormAct(net.norm_out, True, ACT_BITS, self.device, fused)
         self.conv_out = QuantLinear(net.conv_out.weight, net.conv_out.bias, self.norm_out.steps, 2 ** ACT_BITS,
