@@ -25,7 +25,7 @@ from samplers import cpu_name
 from vdm import process
 from vdm.codec import CodingParams, intnet
 from vdm.codec.compressor import coding_chain
-from vdm.codec.container import SPACINGS
+from vdm.codec.container import SPACINGS, VERSION
 from vdm.data import load_dataset
 from vdm.evaluate import image_losses
 
@@ -40,11 +40,11 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attention-bits", type=int, nargs=2, metavar=("WEIGHTS", "VALUES"), default=None,
                    help="an experiment: attention's softmax weights on 2^WEIGHTS and values on 2^VALUES instead of "
-                        "the format's 2^15 and 2^16 (what a format with other grids would cost in rate; files "
-                        "are always coded with the format's)")
+                        "the format's (2^7 and 2^7 in format 6; what other grids would cost in rate; files are "
+                        "always coded with the format's)")
     args = p.parse_args(argv)
     if args.attention_bits:
-        intnet.SOFTMAX_BITS, intnet.V_BITS = args.attention_bits
+        intnet.ATTENTION_GRIDS[VERSION] = tuple(args.attention_bits)
     torch.set_num_threads(args.threads)
     model = load(args)
     params = CodingParams(steps=args.steps, spacing=SPACINGS[args.spacing])
@@ -83,8 +83,8 @@ def main(argv=None) -> None:
           f"one draw per tile and step (paired), seed {args.seed}\n")
     print("| network | negative ELBO_T, bits per sub-pixel (± s.e. over tiles) |\n|---|---|")
     print(f"| float (float32, what training measures) | {fl.mean():.4f} ± {se(fl):.4f} |")
-    grids = (f" (attention grids 2^{intnet.SOFTMAX_BITS} / 2^{intnet.V_BITS}, an experiment)" if args.attention_bits
-             else "")
+    w, v = intnet.ATTENTION_GRIDS[VERSION]
+    grids = f" (attention grids 2^{w} / 2^{v}, an experiment)" if args.attention_bits else ""
     print(f"| exact coding network (what the codec runs){grids} | {ex.mean():.4f} ± {se(ex):.4f} |")
     print(f"| difference (paired) | {diff.mean():+.4f} ± {se(diff):.4f} ({100 * diff.mean() / fl.mean():+.2f} %) |")
     print("\nwhere along the chain (diffusion term, bits per sub-pixel, by γ of the step):\n")
