@@ -91,6 +91,36 @@ def exact_arithmetic(threads: int | None = None):
 
 
 # --- quantised layers ----------------------------------------------------------------------------------------
+class Split:
+    """Integer activations (B, C, H, W) split at a layer's clamp ±a_max: `low` = clamp(a) (float32) and the flat
+    positions `index` and excesses a − low (float64) of the `count` values beyond it (rare "spikes"). What the
+    compiled GroupNorm lookup hands a 3×3 layer (`kernels.norm_lookup`), so the clamp costs no pass of its own."""
+
+    def __init__(self, low: torch.Tensor, index: np.ndarray, excess: np.ndarray, count: int, a_max: int):
+        self.low, self.index, self.excess, self.count, self.a_max = low, index, excess, count, a_max
+
+    @classmethod
+    def of(cls, a: torch.Tensor, a_max: int) -> Split:
+        """`a` (float32, CPU) split with `kernels.split_at_clamp`."""
+        flat = a.contiguous().view(-1).numpy()
+        low = torch.empty(a.shape, dtype=a.dtype)  # torch's allocation: aligned as oneDNN prefers
+        index, excess = np.empty(flat.size, np.int64), np.empty(flat.size, np.float64)
+        count = kernels.split_at_clamp(flat, flat.dtype.type(a_max), low.view(-1).numpy(), index, excess)
+        return cls(low, index, excess, count, a_max)
+
+    def whole(self) -> torch.Tensor:
+        """a itself: low + the excesses (exact: integers below 2^24)."""
+        a = self.low.clone()
+        a.view(-1).index_add_(0, torch.from_numpy(self.index[:self.count]),
+                              torch.from_numpy(self.excess[:self.count]).to(a.dtype))
+        return a
+
+
+def _low(a: torch.Tensor | Split) -> torch.Tensor:
+    """What a layer that clamps its inputs to ±a_max sees of `a` (a `Split`'s low part: already clamped)."""
+    return a.low if isinstance(a, Split) else a
+
+
 class QuantLinear:
     """y = W·a + b with integer a (|a| ≤ a_max, per-input-channel steps `in_steps`) and integer weights:
     W'[o, i] = W[o, i]·in_steps[i] quantised per output row to w_int = rint(W'/s_o) with
@@ -126,16 +156,26 @@ class QuantLinear:
         self.in_range = in_range  # inputs never exceed ±a_max (the residual stream): no clamping pass
         self.fused = fused  # CPU, 3×3: the clamp, the scatter of spikes and `residual`'s rounding as `kernels`
 
-    def acc(self, a: torch.Tensor) -> torch.Tensor:
-        """The exact integer sums (float64 tensor): a is (B, I, H, W) for kernels, (B, N, I) for dense.
+    def acc(self, a: torch.Tensor | Split) -> torch.Tensor:
+        """The exact integer sums (float64 tensor): a is (B, I, H, W) for kernels, (B, N, I) for dense; a
+        `Split` (from a compiled GroupNorm lookup) for 3×3 kernels with the compiled kernels.
 
         A 3×3 kernel accepts inputs beyond ±a_max: the clamped part goes through the float32 convolution,
         the excess (rare spikes) is added in float64 by scattering its products (`_spikes`); when spikes are
         many, their clamped part goes through a second exact convolution first. Every path gives the exact
         integer sums, so which one runs does not change the result."""
-        x = a.to(self.weight.dtype)
-        out = self._acc_fused(x) if self.kernel == 3 and self.fused else None
-        return out if out is not None else self._acc_plain(x)
+        if self.kernel == 3 and self.fused:
+            split = self._split(a)
+            out = self._acc_fused(split)
+            return out if out is not None else self._acc_plain(split.whole())
+        if isinstance(a, Split):  # a dense layer that clamps its inputs to the same ±a_max sees the low part
+            a = a.low if self.kernel != 3 and not self.in_range and a.a_max == self.a_max else a.whole()
+        return self._acc_plain(a.to(self.weight.dtype))
+
+    def _split(self, a: torch.Tensor | Split) -> Split:
+        if isinstance(a, Split) and a.a_max == self.a_max:
+            return a
+        return Split.of((a.whole() if isinstance(a, Split) else a).to(self.weight.dtype), self.a_max)
 
     def _acc_plain(self, x: torch.Tensor) -> torch.Tensor:
         """`acc` with torch operations, for x already in the weights' dtype."""
@@ -168,23 +208,19 @@ class QuantLinear:
             x = x.clamp(-self.a_max, self.a_max)
         return torch.matmul(x, self.weight.t())
 
-    def _acc_fused(self, x: torch.Tensor, narrow: bool = False) -> torch.Tensor | None:
-        """`acc` of a 3×3 kernel with the clamp and the scatter as `kernels` (one pass to split the inputs);
-        None when the spikes are too many to scatter (the caller's dense path takes them). `narrow`: the
-        convolution's own float32 sums where no input lies beyond the clamp (float64 otherwise)."""
-        flat = x.contiguous().view(-1).numpy()
-        low = torch.empty(x.shape, dtype=x.dtype)  # torch's allocation: aligned as oneDNN prefers
-        room = flat.size // FUSED_SPIKES_PER_CONV
-        index, excess = np.empty(room, np.int64), np.empty(room, np.float64)
-        count = kernels.split_at_clamp(flat, flat.dtype.type(self.a_max), low.view(-1).numpy(), index, excess)
-        if count > room:
+    def _acc_fused(self, split: Split, narrow: bool = False) -> torch.Tensor | None:
+        """`acc` of a 3×3 kernel on split inputs, the spikes scattered by `kernels`; None when they are too many
+        to scatter (the caller's dense path takes them). `narrow`: the convolution's own float32 sums where no
+        input lies beyond the clamp (float64 otherwise)."""
+        count = split.count
+        if count > split.low.numel() // FUSED_SPIKES_PER_CONV:
             return None
-        out = F.conv2d(low, self.weight, padding=1)
+        out = F.conv2d(split.low, self.weight, padding=1)
         if narrow and not count:
             return out
         out = out.to(torch.float64)
         if count:
-            kernels.scatter_spikes(out.numpy(), index[:count], excess[:count], self.weight64)
+            kernels.scatter_spikes(out.numpy(), split.index[:count], split.excess[:count], self.weight64)
         return out
 
     def _spikes(self, out: torch.Tensor, excess: torch.Tensor) -> None:
@@ -208,7 +244,8 @@ class QuantLinear:
         where = first[:, None] + torch.arange(O, device=out.device) * (H * W)
         out.view(-1).index_add_(0, where.view(-1), torch.mul(rows, vals[k, None]).view(-1))
 
-    def __call__(self, a: torch.Tensor, extra_bias: torch.Tensor | None = None, res: bool = True) -> torch.Tensor:
+    def __call__(self, a: torch.Tensor | Split, extra_bias: torch.Tensor | None = None, res: bool = True
+                 ) -> torch.Tensor:
         """Outputs, float64: acc·s_o + b (+ extra_bias, per output channel), times 2^RES_BITS if `res` (exact:
         the power of two is folded into s_o and b)."""
         y = self.acc(a)  # a new tensor: scaled in place (a product, then a sum: never fused)
@@ -217,16 +254,16 @@ class QuantLinear:
         k = float(2 ** RES_BITS) if res else 1.0
         return y.mul_(torch.mul(self.scale, k).view(shape)).add_(torch.mul(bias, k).view(shape))
 
-    def residual(self, a: torch.Tensor, extra_bias: torch.Tensor | None = None,
+    def residual(self, a: torch.Tensor | Split, extra_bias: torch.Tensor | None = None,
                  shortcut: torch.Tensor | None = None) -> torch.Tensor:
         """`to_residual` of the outputs, then + `shortcut` (clamped again) if given: the residual stream."""
         if not (self.fused and self.kernel == 3):
             y = to_residual(self(a, extra_bias))
             return y if shortcut is None else y.add_(shortcut).clamp_(-RES_MAX, RES_MAX)
-        x = a.to(self.weight.dtype)
-        y = self._acc_fused(x, narrow=True)
-        if y is None:  # too many spikes to scatter: the torch path's dense route (not the split again)
-            y = self._acc_plain(x)
+        split = self._split(a)
+        y = self._acc_fused(split, narrow=True)
+        if y is None:  # too many spikes to scatter: the torch path's dense route
+            y = self._acc_plain(split.whole())
         out = y if y.dtype == torch.float64 else torch.empty(y.shape, dtype=torch.float64)
         k = float(2 ** RES_BITS)
         bias = self.bias if extra_bias is None else torch.add(self.bias, extra_bias)
@@ -263,7 +300,7 @@ class QuantNormAct:
         if norm.num_groups != min(GN_GROUPS, norm.num_channels) or norm.eps != GN_EPS:
             raise ValueError("the coding network supports GroupNorm(min(32, C), C, eps=1e-6) only")
         gamma, beta = _np(norm.weight), _np(norm.bias)
-        a_max = 2 ** a_bits
+        a_max = self.a_max = 2 ** a_bits
         top = act_range(gamma, beta, swish)
         self.steps = np.where(top > 0, np.divide(top, a_max), 1.0)
         u = np.arange(-NORM_RANGE, NORM_RANGE + 1, dtype=np.float64) * 2.0 ** NORM_STEP_LOG2
@@ -277,19 +314,22 @@ class QuantNormAct:
                         ).view(1, -1, 1, 1)
         self.fused = fused  # CPU: statistics, rounding and lookup in one `kernels.norm_lookup` call
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x: residual stream (B, C, H, W) → integer activations (float32 tensor holding integers)."""
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | Split:
+        """x: residual stream (B, C, H, W) → integer activations (float32 tensor holding integers; with the
+        compiled kernels, split at ±2^a_bits as a `Split`)."""
         B, C, H, W = x.shape
         xs = x.view(B, self.groups, -1)
         n = xs.shape[2]
         if n > MAX_GROUP:
             raise ValueError(f"a GroupNorm group of {n} values exceeds {MAX_GROUP}: the sums would not be exact")
         if self.fused:
-            out = np.empty((B, C * H * W), dtype=np.float32)
-            kernels.norm_lookup(x.contiguous().view(B, -1).numpy(), self.groups, H * W, self.table.numpy(),
-                                self.width, NORM_RANGE, 2.0 ** (-2 * RES_BITS), GN_EPS,
-                                2.0 ** (-RES_BITS - NORM_STEP_LOG2), out)
-            return torch.from_numpy(out).view(B, C, H, W)
+            out = torch.empty((B, C, H, W), dtype=torch.float32)
+            index, excess = np.empty(out.numel(), np.int64), np.empty(out.numel(), np.float64)
+            count = kernels.norm_lookup(x.contiguous().view(B, -1).numpy(), self.groups, H * W, self.table.numpy(),
+                                        self.width, NORM_RANGE, 2.0 ** (-2 * RES_BITS), GN_EPS,
+                                        2.0 ** (-RES_BITS - NORM_STEP_LOG2), float(self.a_max),
+                                        out.view(B, -1).numpy(), index, excess)
+            return Split(out, index, excess, count, self.a_max)
         s = _np(xs.sum(2))  # exact: integers, |partial sums| < 2^17·2^17
         m = np.floor(np.divide(np.add(np.multiply(s, 2.0), n), 2.0 * n))  # the mean, rounded (deterministically)
         d = torch.sub(xs, torch.from_numpy(m).to(x.device)[:, :, None])
@@ -370,7 +410,7 @@ class QuantAttnBlock:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         N = H * W
-        a = self.norm(x).flatten(2).transpose(1, 2)  # (B, N, C) integers
+        a = _low(self.norm(x)).flatten(2).transpose(1, 2)  # (B, N, C) integers (the dense layers clamp them)
         if self.fused:
             q32, qs = self._quantised(self.q, a, self.qk_bits, torch.float32)
             k32, ks = self._quantised(self.k, a, self.qk_bits, torch.float32)

@@ -82,19 +82,24 @@ def _row_max(x):
 
 
 @_jit
-def norm_lookup(x, groups, hw, table, width, norm_range, var_scale, eps, out_scale, out):
+def norm_lookup(x, groups, hw, table, width, norm_range, var_scale, eps, out_scale, a_max, out, spike_index,
+                spike_excess):
     """GroupNorm of the residual stream `x` (B, C·HW) float64 (integers) with exact statistics, each value
-    rounded to the normalised grid and replaced by its channel's table entry: `out` (B, C·HW) float32.
+    rounded to the normalised grid and replaced by its channel's table entry a (float32), split at the clamp:
+    `out` (B, C·HW) float32 = clamp(a, ±a_max); the flat index and excess a − clamp(a) of each value beyond it go to
+    `spike_index`, `spike_excess` (room for every value). Returns how many lie beyond it.
 
     Per group of n = C·HW/groups values: s = Σx (exact), m = ⌊(2s + n)/(2n)⌋, ss = Σ(x − m)² (exact: here
     as Σx² − 2m·s + n·m², every term and partial result an integer below 2^53 for |x| < 2^17, n ≤ 2^17),
     f = 1/√(ss/n·var_scale + eps)·out_scale, u = clamp(rint((x − m)·f), ±norm_range),
-    out = table[c·width + u + norm_range]: `intnet.QuantNormAct`'s operations."""
+    a = table[c·width + u + norm_range]: `intnet.QuantNormAct`'s operations, then `split_at_clamp`'s."""
     B, total = x.shape
     n = total // groups
     per = n // hw  # channels per group
     index = np.empty(hw, dtype=np.uint32)
     lo, hi = np.float64(-norm_range), np.float64(norm_range)
+    top, bottom = np.float32(a_max), np.float32(-a_max)  # `out` and `table` are float32
+    count = 0
     for b in range(B):
         row, dest = x[b], out[b]
         for g in range(groups):
@@ -108,8 +113,20 @@ def norm_lookup(x, groups, hw, table, width, norm_range, var_scale, eps, out_sca
                 for i in range(hw):  # the table row of each value (a loop the compiler vectorises) …
                     index[i] = np.uint32(min(max(np.rint((src[i] - m) * f), lo), hi) + hi)
                 entries, values = table[c * width:(c + 1) * width], dest[c * hw:(c + 1) * hw]
-                for i in range(hw):  # … then the lookups
-                    values[i] = entries[index[i]]
+                beyond = 0
+                for i in range(hw):  # … then the lookups, clamped …
+                    v = entries[index[i]]
+                    low = min(max(v, bottom), top)
+                    values[i] = low
+                    beyond += v != low
+                if beyond:  # … and (rarely) the values beyond the clamp
+                    for i in range(hw):
+                        v = entries[index[i]]
+                        if v != values[i]:
+                            spike_index[count] = b * total + c * hw + i
+                            spike_excess[count] = v - values[i]  # in the activations' precision, as the torch path
+                            count += 1
+    return count
 
 
 @_jit
