@@ -199,6 +199,19 @@ def test_attention_sums_over_blocks_of_keys_are_exact(packaged, coding):
         assert torch.equal(got, plain(x.clone())) and torch.equal(got, wide(x.clone()))
 
 
+def test_older_formats_attention_keeps_its_arithmetic_on_both_paths(packaged):
+    """Formats 4 and 5 sum 2^15-level weights and 2^16-level values in float64 (`ATTENTION_GRIDS`): the compiled
+    kernels and the torch operations give the same bits for them too, and not those of format 6."""
+    v5, v5_plain = CodingNetwork(packaged, version=5), CodingNetwork(packaged, fused=False, version=5)
+    assert v5.mid_attn.key_block is None and v5.mid_attn.sum_dtype == torch.float64
+    z = np.random.default_rng(6).standard_normal((2, 3, 32, 32))
+    with exact_arithmetic(1):
+        a, b = v5.eps(z, -1.0), v5_plain.eps(z, -1.0)
+        c = CodingNetwork(packaged).eps(z, -1.0)
+    assert np.array_equal(a.view(np.uint64), b.view(np.uint64))
+    assert not np.array_equal(a, c)
+
+
 def test_without_numba_the_cpu_runs_the_torch_operations(packaged, monkeypatch):
     from vdm.codec import kernels
     monkeypatch.setattr(kernels, "AVAILABLE", False)
