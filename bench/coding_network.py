@@ -159,7 +159,8 @@ def main() -> None:
           f"coding network, torch operations only: {t * 1e3:.1f} ms ({t / f:.2f}×)")
     for v in args.format:
         o = statistics.median(runs[f"format {v}"])
-        print(f"coding network of format {v} (kernels): {o * 1e3:.1f} ms ({o / f:.2f}×; this format's {c / o:.3f}× it)")
+        print(f"coding network of format {v} (kernels): {o * 1e3:.1f} ms ({o / f:.2f}×; "
+              f"this format's {c / o:.3f}× it)")
     print()
     part_table("part of the float network (profiler, self time)", float_parts(float_call, args.repeats), len(gammas))
     spent = instrument()

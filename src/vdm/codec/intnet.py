@@ -168,9 +168,7 @@ class QuantLinear:
             split = self._split(a)
             out = self._acc_fused(split)
             return out if out is not None else self._acc_plain(split.whole())
-        if isinstance(a, Split):  # a dense layer that clamps its inputs to the same ±a_max sees the low part
-            a = a.low if self.kernel != 3 and not self.in_range and a.a_max == self.a_max else a.whole()
-        return self._acc_plain(a.to(self.weight.dtype))
+        return self._acc_plain((a.whole() if isinstance(a, Split) else a).to(self.weight.dtype))
 
     def _split(self, a: torch.Tensor | Split) -> Split:
         if isinstance(a, Split) and a.a_max == self.a_max:

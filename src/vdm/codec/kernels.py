@@ -180,8 +180,8 @@ def scatter_spikes(out, index, excess, weight):
 @_jit
 def softmax_weights(s, factor, table, limit, e, den):
     """Attention weights from integer scores `s` (U, R, N) float32: per row, d = max − s (exact),
-    u = min(rint(d·factor[unit]), limit) in float32, e = table[u] ((U, R, N), the table's float type); den = Σ e per row
-    (exact integers). `intnet.QuantAttnBlock`'s operations."""
+    u = min(rint(d·factor[unit]), limit) in float32, e = table[u] ((U, R, N), the table's float type);
+    den = Σ e per row (exact integers). `intnet.QuantAttnBlock`'s operations."""
     U, R, N = s.shape
     index = np.empty(N, dtype=np.int32)
     for b in range(U):
