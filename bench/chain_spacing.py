@@ -85,7 +85,7 @@ def main() -> None:
         print(f"\nexact chain −ELBO, T = {T}, on {len(xv)} other test tiles (bits/dim, ± s.e.; same draws):")
         res = {}
         for name, sp in (("even in t", 0), ("SNR-weighted (default a, b)", 1)):
-            gs = chain_gammas(model, T, sp, *default)
+            gs = chain_gammas(model, T, default if sp else None)
             b = image_losses(model, xv, time_samples=T, seed=0, batch_size=256, gammas=gs, progress=False).sum(1)
             res[name] = b
             print(f"  {name}: {b.mean():.4f} ± {b.std(ddof=1) / math.sqrt(len(b)):.4f}")

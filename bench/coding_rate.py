@@ -14,6 +14,7 @@ warm-up, the latent grid). Also prints where along the chain the difference come
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import time
 
@@ -25,7 +26,7 @@ from samplers import cpu_name
 from vdm import process
 from vdm.codec import CodingParams, intnet
 from vdm.codec.compressor import coding_chain
-from vdm.codec.container import SPACINGS, VERSION
+from vdm.codec.container import FORMATS, SPACINGS, VERSION
 from vdm.data import load_dataset
 from vdm.evaluate import image_losses
 
@@ -44,7 +45,7 @@ def main(argv=None) -> None:
                         "always coded with the format's)")
     args = p.parse_args(argv)
     if args.attention_bits:
-        intnet.ATTENTION_GRIDS[VERSION] = tuple(args.attention_bits)
+        FORMATS[VERSION] = dataclasses.replace(FORMATS[VERSION], attention_grids=tuple(args.attention_bits))
     torch.set_num_threads(args.threads)
     model = load(args)
     params = CodingParams(steps=args.steps, spacing=SPACINGS[args.spacing])
@@ -83,7 +84,7 @@ def main(argv=None) -> None:
           f"one draw per tile and step (paired), seed {args.seed}\n")
     print("| network | negative ELBO_T, bits per sub-pixel (± s.e. over tiles) |\n|---|---|")
     print(f"| float (float32, what training measures) | {fl.mean():.4f} ± {se(fl):.4f} |")
-    w, v = intnet.ATTENTION_GRIDS[VERSION]
+    w, v = FORMATS[VERSION].attention_grids
     grids = f" (attention grids 2^{w} / 2^{v}, an experiment)" if args.attention_bits else ""
     print(f"| exact coding network (what the codec runs){grids} | {ex.mean():.4f} ± {se(ex):.4f} |")
     print(f"| difference (paired) | {diff.mean():+.4f} ± {se(diff):.4f} ({100 * diff.mean() / fl.mean():+.2f} %) |")

@@ -101,11 +101,15 @@ class VDM(nn.Module):
         return self.score_model.conv_in.weight.device
 
     def eps_hat(self, z_t: Tensor, gamma_t: Tensor, conditioning: Tensor | None = None) -> Tensor:
-        """ε̂(z_t; γ_t): the network, conditioned on (γ_t − γ_min)/(γ_max − γ_min) with the config constants."""
-        c = self.config
+        """ε̂(z_t; γ_t): the network, its time input `time_conditioning(γ_t)`."""
         gamma_t = gamma_t.expand(z_t.shape[0]) if gamma_t.dim() == 0 else gamma_t
-        t_c = (gamma_t - c.gamma_min) / (c.gamma_max - c.gamma_min)
-        return self.score_model(z_t, t_c, conditioning)
+        return self.score_model(z_t, self.time_conditioning(gamma_t), conditioning)
+
+    def time_conditioning(self, gamma_t):
+        """The network's time input t_c = (γ_t − γ_min)/(γ_max − γ_min), γ_min and γ_max the config's constants
+        (the official normalisation; t_c ∈ [0, 1] on the initial schedule). A tensor or a Python float."""
+        c = self.config
+        return (gamma_t - c.gamma_min) / (c.gamma_max - c.gamma_min)
 
     def encode(self, x: Tensor) -> Tensor:
         """Integer images → f ∈ (−1, 1) in the model's dtype."""

@@ -11,24 +11,40 @@ parameters through s is replaced by that of the estimator's second moment (`shap
 
 Each schedule returns γ(t) and its time derivative γ'(t) in one pass (`gamma_and_derivative`), so the
 continuous-time loss never needs a second network evaluation or a Jacobian-vector product.
+
+Each schedule also gives its γ(t) with the same bits on every machine (`exact_gamma`), from which the codec
+derives its chain: a schedule that cannot is refused when it is constructed, not when an image is compressed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import abc
+import math
+from collections.abc import Callable, Sequence
+from types import ModuleType
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 SCHEDULE_KINDS = ("fixed_linear", "learned_linear", "learned_nnet")
 
 
-class Schedule(nn.Module):
-    """Base class. Subclasses define the endpoints and the shape `s(t)` with its derivative."""
+class Schedule(nn.Module, metaclass=abc.ABCMeta):
+    """Base class. Subclasses define the endpoints, the shape `s(t)` with its derivative (identity unless
+    overridden), and `exact_gamma`; one that lacks a method marked abstract cannot be constructed."""
 
+    @abc.abstractmethod
     def endpoints(self) -> tuple[Tensor, Tensor]:
         """(γ₀, γ₁) as 0-d tensors."""
-        raise NotImplementedError
+
+    @abc.abstractmethod
+    def exact_gamma(self, t: Sequence[float], ops: ModuleType) -> np.ndarray:
+        """γ at the times `t` (float64, in order), with the same bits on every machine: the parameters widened
+        to float64, then only correctly rounded float64 operations (+, −, ×, ÷, √, `math.fsum`) in a fixed
+        order, and for elementary functions those of `ops` (the codec passes `vdm.codec.detmath`: exp,
+        sigmoid, …, each deterministic), never a library's exp or a torch reduction. The codec's chain is
+        derived from these values, so a file decodes only where they are reproduced bit for bit."""
 
     def shape(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """(s(t), s'(t)), each the shape of `t`; identity for linear schedules."""
@@ -78,6 +94,9 @@ class FixedLinearSchedule(Schedule):
         kw = dict(dtype=self.dtype, device=self.device)
         return torch.tensor(self.gamma_min, **kw), torch.tensor(self.gamma_max, **kw)
 
+    def exact_gamma(self, t: Sequence[float], ops: ModuleType) -> np.ndarray:
+        return np.array([self.gamma_min + (self.gamma_max - self.gamma_min) * ti for ti in t], dtype=np.float64)
+
 
 class LearnedLinearSchedule(Schedule):
     """γ(t) = b + |w|·t (official "learnable_scalar"), init b = γ_min, w = γ_max − γ_min."""
@@ -93,6 +112,10 @@ class LearnedLinearSchedule(Schedule):
 
     def endpoints(self) -> tuple[Tensor, Tensor]:
         return self.b[0], self.b[0] + self.w[0].abs()
+
+    def exact_gamma(self, t: Sequence[float], ops: ModuleType) -> np.ndarray:
+        b, w = float(_float64(self.b)[0]), abs(float(_float64(self.w)[0]))
+        return np.array([b + w * ti for ti in t], dtype=np.float64)
 
 
 class MonotoneNetSchedule(Schedule):
@@ -143,6 +166,16 @@ class MonotoneNetSchedule(Schedule):
         g, _ = self.net(torch.tensor([0.0, 1.0], dtype=self.dtype, device=self.device))
         return g[0], g[1]
 
+    def exact_gamma(self, t: Sequence[float], ops: ModuleType) -> np.ndarray:
+        """g(t) term by term: |w₁|·t + b₁ + fsum_j(|w₃ⱼ|·φ(|w₂ⱼ|·(2t − 1) + b₂ⱼ))/n, φ(h) = 2·(ops.sigmoid(h) − ½)."""
+        w1, b1 = abs(float(_float64(self.l1_weight))), float(_float64(self.l1_bias))
+        w2, b2, w3 = np.abs(_float64(self.l2_weight)), _float64(self.l2_bias), np.abs(_float64(self.l3_weight))
+        out = []
+        for ti in t:
+            phi = np.multiply(np.subtract(ops.sigmoid(np.add(np.multiply(w2, 2.0 * ti - 1.0), b2)), 0.5), 2.0)
+            out.append(w1 * ti + b1 + math.fsum(np.multiply(w3, phi)) / self.n_features)
+        return np.array(out, dtype=np.float64)
+
     def shape(self, t: Tensor) -> tuple[Tensor, Tensor]:
         ends, _ = self.net(torch.tensor([0.0, 1.0], dtype=t.dtype, device=t.device))
         span = (ends[1] - ends[0]).clamp_min(torch.finfo(t.dtype).tiny)
@@ -153,6 +186,11 @@ class MonotoneNetSchedule(Schedule):
         if prefix + "gamma_0" in state_dict and prefix + "gamma_1" in state_dict:
             _fold_stored_endpoints(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _float64(p: Tensor) -> np.ndarray:
+    """A parameter's values widened to float64 (exact), as numpy."""
+    return p.detach().to("cpu", torch.float64).numpy()
 
 
 def _fold_stored_endpoints(state: dict, prefix: str) -> None:

@@ -1,9 +1,9 @@
 """The scalar coefficients of the T-step latent chain z_0, z_{1/T}, …, z_1 that bits-back coding walks.
 
-Everything here is a float64 number computed once from the model's schedule: γ(t) at t_i = i/T (format 4), or
-T steps between γ(0) and γ(1) spaced by the SNR-weighted density of `snr_spaced_gammas` (format 5), with the
-deterministic arithmetic of `detmath` (the schedule's float32 parameters widened to float64), so encoder and
-decoder derive identical values on any machine. Latent z_{t_i}
+Everything here is a float64 number computed once from the model's schedule: γ(t) at t_i = i/T, or T steps
+between γ(0) and γ(1) spaced by the SNR-weighted density of `snr_spaced_gammas`, with the deterministic
+arithmetic of `detmath` (γ from the schedule's own `exact_gamma`), so encoder and decoder derive identical
+values on any machine. Latent z_{t_i}
 lives on its own grid of width δ_i = σ_{t_i}·2^(−k) (k = `grid_bits`): the grid follows the noise level, so
 every Gaussian in the chain spans about 2^k bins per standard deviation whatever t is. The log δ terms cancel
 because each latent is popped and pushed on the same grid.
@@ -45,34 +45,9 @@ class Chain:
     p_std: np.ndarray
 
 
-def _param(schedule, name: str) -> np.ndarray:
-    return getattr(schedule, name).detach().to("cpu").double().numpy()
-
-
 def gammas(model, T: int) -> np.ndarray:
-    """γ(i/T) for i = 0..T (float64), computed with `detmath` from the schedule's parameters.
-
-    fixed: γ_min + (γ_max − γ_min)·t; learned linear: b + |w|·t; monotone network:
-    |w₁|·t + b₁ + fsum_j(|w₃ⱼ|·φ(|w₂ⱼ|·(2t − 1) + b₂ⱼ))/n with φ(h) = 2·(sigmoid(h) − ½).
-    """
-    from vdm.schedule import FixedLinearSchedule, LearnedLinearSchedule, MonotoneNetSchedule
-    sched = model.gamma
-    ts = [i / T for i in range(T + 1)]
-    if isinstance(sched, FixedLinearSchedule):
-        return np.array([sched.gamma_min + (sched.gamma_max - sched.gamma_min) * t for t in ts])
-    if isinstance(sched, LearnedLinearSchedule):
-        b, w = float(_param(sched, "b")[0]), abs(float(_param(sched, "w")[0]))
-        return np.array([b + w * t for t in ts])
-    if isinstance(sched, MonotoneNetSchedule):
-        w1, b1 = abs(float(_param(sched, "l1_weight"))), float(_param(sched, "l1_bias"))
-        w2, b2 = np.abs(_param(sched, "l2_weight")), _param(sched, "l2_bias")
-        w3 = np.abs(_param(sched, "l3_weight"))
-        out = []
-        for t in ts:
-            phi = np.multiply(np.subtract(detmath.sigmoid(np.add(np.multiply(w2, 2.0 * t - 1.0), b2)), 0.5), 2.0)
-            out.append(w1 * t + b1 + math.fsum(np.multiply(w3, phi)) / sched.n_features)
-        return np.array(out)
-    raise TypeError(f"no deterministic evaluation for the schedule {type(sched).__name__}")
+    """γ(i/T) for i = 0..T (float64), the schedule's `exact_gamma` with `detmath`'s functions."""
+    return np.asarray(model.gamma.exact_gamma([i / T for i in range(T + 1)], detmath), dtype=np.float64)
 
 
 SPACING_INTERVALS = 4096  # the density of the SNR-weighted spacing is integrated on this many equal intervals
@@ -102,13 +77,13 @@ def snr_spaced_gammas(g0: float, g1: float, T: int, a: float, b: float) -> np.nd
     return np.array(out, dtype=np.float64)
 
 
-def chain_gammas(model, T: int, spacing: int, a: float, b: float) -> np.ndarray:
-    """γ_0..γ_T of the chain: spacing 0 = γ(i/T) (uniform in t, format 4); 1 = `snr_spaced_gammas` between
-    γ(0) and γ(1)."""
-    if spacing == 0:
+def chain_gammas(model, T: int, snr_density: tuple[float, float] | None) -> np.ndarray:
+    """γ_0..γ_T of the chain: γ(i/T) (uniform in t) if `snr_density` is None, else `snr_spaced_gammas`
+    between γ(0) and γ(1) with the density's (a, b)."""
+    if snr_density is None:
         return gammas(model, T)
     g0, g1 = (float(v) for v in gammas(model, 1))
-    return snr_spaced_gammas(g0, g1, T, a, b)
+    return snr_spaced_gammas(g0, g1, T, *snr_density)
 
 
 def make_chain(gamma: np.ndarray, grid_bits: int) -> Chain:

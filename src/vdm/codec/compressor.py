@@ -25,8 +25,8 @@ import torch
 
 from vdm.codec import bitsback, tiling
 from vdm.codec.chain import Chain, chain_gammas, make_chain
-from vdm.codec.container import (FINGERPRINT_BYTES, MODES, VERSION, CodecFormatError, CodingParams, Container,
-                                 ImageInfo, coding_key, pack, unpack)
+from vdm.codec.container import (FINGERPRINT_BYTES, MODES, SPACING_SNR, VERSION, CodecFormatError, CodingParams,
+                                 Container, ImageInfo, coding_key, pack, unpack)
 from vdm.codec.fingerprint import model_fingerprint
 from vdm.codec.intnet import CodingNetwork, exact_arithmetic
 
@@ -170,13 +170,10 @@ class _Network:
         return out
 
 
-def _stage_groups(units: Sequence[tiling.Unit]) -> list[list[int]]:
-    return tiling.shape_groups(units)
-
-
 def coding_chain(model, params: CodingParams) -> Chain:
     """The latent chain a file with `params` walks: its T + 1 values of γ (`chain.chain_gammas`) and coefficients."""
-    return make_chain(chain_gammas(model, params.steps, params.spacing, *params.spacing_density), params.grid_bits)
+    density = params.spacing_density if params.spacing == SPACING_SNR else None
+    return make_chain(chain_gammas(model, params.steps, density), params.grid_bits)
 
 
 def compress_images(images: Sequence[np.ndarray], model, params: CodingParams = CodingParams(),
@@ -222,7 +219,7 @@ def compress_images(images: Sequence[np.ndarray], model, params: CodingParams = 
                 need += more
             if not stage:
                 break
-            groups = [np.stack([tiling.extract(chw, stage[g], C) for g in idx]) for idx in _stage_groups(stage)]
+            groups = [np.stack([tiling.extract(chw, stage[g], C) for g in idx]) for idx in tiling.shape_groups(stage)]
             extra = max(0, math.ceil((_headroom(need) - budget) / 32))
             while True:  # normally once; again with more fresh bits if the estimate fell short
                 trial = coder.clone()
@@ -291,7 +288,7 @@ def decompress_images(data: bytes, model, progress: bool = False, threads: int |
             for si in range(len(c.stages) - 1, -1, -1):
                 end, size = ends[si], c.stages[si]
                 stage = units[end - size:end]
-                idxs = _stage_groups(stage)
+                idxs = tiling.shape_groups(stage)
                 gshapes = [(len(idx), C, stage[idx[0]].h, stage[idx[0]].w) for idx in idxs]
                 groups = bitsback.decode_stage(coder, chain, net, gshapes, model.config.vocab_size, key)
                 for idx, g in zip(idxs, groups):

@@ -3,8 +3,7 @@
 Layout (integers are unsigned LEB128 varints unless a size is given; multi-byte fixed fields little-endian):
 
     magic        4 bytes  b"VDMC"
-    version      1 byte   (6; versions 5 and 4 are still read: 4 lacks the spacing fields, both use the
-                 attention arithmetic of `intnet.ATTENTION_GRIDS` and key the thread count, see `coding_key`)
+    version      1 byte   the format version: a key of `FORMATS`, whose entry says what differs between them
     fingerprint 16 bytes  first 16 bytes of the model's SHA-256 fingerprint (`fingerprint.py`)
     steps, grid_bits, tile, warmup, batch, threads, seed_words   7 varints (the coding parameters; seed_words:
                  the number of initial words of the ANS stack)
@@ -12,6 +11,7 @@ Layout (integers are unsigned LEB128 varints unless a size is given; multi-byte 
                  augmentation conditioning and the images are coded as augmented ones)
     spacing      1 byte   how the chain's T steps are spaced: 0 uniform in t, 1 SNR-weighted (`chain.py`)
     spacing_a, spacing_b  2 × int16: the SNR-weighted density's slope a and centre b, in units of 1/256
+                 (these three only where `FORMATS[version].spacing_fields`; else the chain is uniform in t)
     n_splits     varint, then the warm-up split flags (`tiling.WarmupPlan`), 8 per byte, least significant first
     n_runs       varint, then per run of consecutive images with equal entries: count (varint), mode
                  (1 byte: 0 grey H×W, 1 grey H×W×1, 2 RGB H×W×3), height, width (varints),
@@ -34,8 +34,25 @@ from dataclasses import dataclass, field
 import numpy as np
 
 MAGIC = b"VDMC"
-VERSION = 6
-READABLE_VERSIONS = (4, 5, 6)  # 4: the chain uniform in t, no spacing fields; 4, 5: older attention grids
+
+
+@dataclass(frozen=True)
+class FormatRules:
+    """What a format version fixes beyond the layout above: the one place where versions differ."""
+
+    spacing_fields: bool  # the header carries the chain's spacing fields (without them: uniform in t)
+    threads_in_key: bool  # the encoder's thread count is part of `coding_key` (so it changes the file)
+    attention_grids: tuple[int, int]  # (s, v): attention's softmax weights round(2^s·e^−d) and values
+    # |v| ≤ 2^v (per-unit power-of-two step); s + v ≤ 24: float32 sums over blocks of 2^(24 − s − v) keys,
+    # otherwise float64 sums (`intnet.QuantAttnBlock`)
+
+
+FORMATS = {  # every version this vdm reads; the newest is the one it writes
+    4: FormatRules(spacing_fields=False, threads_in_key=True, attention_grids=(15, 16)),
+    5: FormatRules(spacing_fields=True, threads_in_key=True, attention_grids=(15, 16)),
+    6: FormatRules(spacing_fields=True, threads_in_key=False, attention_grids=(7, 7)),
+}
+VERSION = max(FORMATS)
 FINGERPRINT_BYTES = 16
 MODES = {0: (1, 2), 1: (1, 3), 2: (3, 3)}  # mode → (channels, array dimensions)
 MAX_SIDE = 1 << 16  # largest height or width accepted from a file
@@ -43,7 +60,8 @@ MAX_PIXELS = 1 << 28  # largest total number of pixels accepted from a file
 MAX_NAME = 4096
 MAX_BATCH = 1024  # units per network call
 MAX_THREADS = 256
-SPACINGS = {"auto": -1, "t": 0, "snr": 1}  # names of CodingParams.spacing (command line)
+SPACING_T, SPACING_SNR = 0, 1  # CodingParams.spacing: steps uniform in t, or SNR-weighted in γ
+SPACINGS = {"auto": -1, "t": SPACING_T, "snr": SPACING_SNR}  # names of CodingParams.spacing (command line)
 SNR_SPACING_MIN_STEPS = 50  # below, SNR-weighted steps lost to even ones for one packaged model or the other
 # (first model at T ≤ 6, current one at T ≤ 20: bench/results/chain_spacing_*.txt)
 
@@ -77,7 +95,7 @@ class CodingParams:
     batch: int = 32  # units per network call and per stage (the stage plan depends on it, so it is recorded)
     threads: int = 1  # torch CPU threads the encoder used (the decoder's default; any count gives the same bits)
     conditioning: float = 0.0  # the network's conditioning input (augmentation-conditioned models; 0 = none)
-    spacing: int = -1  # the chain's steps: 0 uniform in t; 1 SNR-weighted in γ (chain.snr_spaced_gammas);
+    spacing: int = -1  # the chain's steps: SPACING_T or SPACING_SNR (chain.snr_spaced_gammas);
     # −1 (default): 1 when steps ≥ SNR_SPACING_MIN_STEPS, else 0 (with a few big steps even ones lose less)
     spacing_a: int = 128  # its slope a = spacing_a/256 (0.5) …
     spacing_b: int = -1920  # … and centre b = spacing_b/256 (−7.5): fitted to the first packaged model
@@ -85,7 +103,7 @@ class CodingParams:
 
     def __post_init__(self):
         if self.spacing == -1:
-            object.__setattr__(self, "spacing", int(self.steps >= SNR_SPACING_MIN_STEPS))
+            object.__setattr__(self, "spacing", SPACING_SNR if self.steps >= SNR_SPACING_MIN_STEPS else SPACING_T)
         # bounds on what a file may ask of the decoder before anything is allocated
         for name, top in (("steps", 10_000), ("batch", MAX_BATCH), ("threads", MAX_THREADS)):
             if not 1 <= getattr(self, name) <= top:
@@ -96,7 +114,7 @@ class CodingParams:
             raise ValueError("tile and warmup must be non-negative")
         if not -1e6 <= self.conditioning <= 1e6:  # also refuses NaN
             raise ValueError(f"conditioning must be a finite number, got {self.conditioning}")
-        if self.spacing not in (0, 1):
+        if self.spacing not in (SPACING_T, SPACING_SNR):
             raise ValueError(f"spacing must be 0 (uniform in t) or 1 (SNR-weighted), got {self.spacing}")
         if not (0 <= self.spacing_a < 2 ** 15 and -2 ** 15 <= self.spacing_b < 2 ** 15):
             raise ValueError(f"spacing_a must lie in 0..32767 and spacing_b in -32768..32767, got "
@@ -120,7 +138,7 @@ class Container:
     payload: np.ndarray = field(repr=False)  # uint32 words
     topups: list[int] | None = None  # top-up words pushed before each stage (None: none)
     splits: list[bool] = field(default_factory=list)  # warm-up split flags (tiling.WarmupPlan)
-    version: int = VERSION  # the file's format version (READABLE_VERSIONS)
+    version: int = VERSION  # the file's format version (a key of FORMATS)
 
     def __post_init__(self):
         if self.topups is None:
@@ -214,17 +232,17 @@ def _spacing(p: CodingParams) -> bytes:
 
 def coding_key(fingerprint: bytes, params: CodingParams, images: list[ImageInfo], version: int = VERSION) -> bytes:
     """SHA-256 of what the header says before coding starts: b"vdm-coding-key", the version byte, the 16-byte
-    fingerprint, the coding-parameter varints but threads (versions 4 and 5: all six), the float64
-    conditioning, (versions ≥ 5) the spacing fields and the image table, laid out as in the file. The masks and
-    top-up words of the stream are derived from it, so a header altered after encoding (its checksum
-    recomputed) no longer decodes: the stream fails its checks instead of yielding other pixels. The thread
-    count, a performance setting, is left out so that it never changes a file (version 6)."""
-    p = params
+    fingerprint, the coding-parameter varints but threads (with it where the format's `threads_in_key`), the
+    float64 conditioning, the spacing fields (where the format has them) and the image table, laid out as in the
+    file. The masks and top-up words of the stream are derived from it, so a header altered after encoding (its
+    checksum recomputed) no longer decodes: the stream fails its checks instead of yielding other pixels. The
+    thread count is a performance setting: formats that leave it out never change a file with it."""
+    p, rules = params, FORMATS[version]
     h = hashlib.sha256(b"vdm-coding-key" + bytes([version]) + bytes(fingerprint))
-    for v in (p.steps, p.grid_bits, p.tile, p.warmup, p.batch) + ((p.threads,) if version < 6 else ()):
+    for v in (p.steps, p.grid_bits, p.tile, p.warmup, p.batch) + ((p.threads,) if rules.threads_in_key else ()):
         h.update(_varint(v))
     h.update(struct.pack("<d", p.conditioning))
-    if version >= 5:
+    if rules.spacing_fields:
         h.update(_spacing(p))
     h.update(_image_table(images))
     return h.digest()
@@ -242,14 +260,14 @@ def unpack(data: bytes) -> Container:
     r = _Reader(data, len(data) - 4)
     r.take(4)
     version = r.take(1)[0]
-    if version not in READABLE_VERSIONS:
+    if version not in FORMATS:
         older = " (written by an older vdm: decode it with that version)" if version < VERSION else ""
         raise CodecFormatError(f"format version {version}; this vdm reads versions "
-                               f"{', '.join(map(str, READABLE_VERSIONS))}{older}")
+                               f"{', '.join(map(str, sorted(FORMATS)))}{older}")
     fingerprint = r.take(FINGERPRINT_BYTES)
     vals = [r.varint(1 << 20) for _ in range(7)]
     (conditioning,) = struct.unpack("<d", r.take(8))
-    spacing = struct.unpack("<Bhh", r.take(5)) if version >= 5 else (0, 0, 0)
+    spacing = struct.unpack("<Bhh", r.take(5)) if FORMATS[version].spacing_fields else (SPACING_T, 0, 0)
     try:
         params = CodingParams(*vals[:6], conditioning=conditioning, spacing=spacing[0], spacing_a=spacing[1],
                               spacing_b=spacing[2])

@@ -21,7 +21,7 @@ which every quantity that decides a coding distribution is an integer or a corre
 - Attention: q·k on integers with per-unit power-of-two scales, softmax weights from a table of
   round(2^s·e^−d) on a grid of `SOFTMAX_STEP` (d = row maximum − score), values v on a per-unit power-of-two
   grid of |v| ≤ 2^v, their products summed exactly: format 6 (s, v) = (7, 7), float32 sums over blocks of
-  2^(24 − s − v) = 1,024 keys, added in float64; formats 4 and 5 (15, 16), float64 sums (`ATTENTION_GRIDS`).
+  2^(24 − s − v) = 1,024 keys, added in float64; formats 4 and 5 (15, 16), float64 sums (`container.FORMATS`).
 - The time conditioning (sinusoidal embedding, the two dense layers, each block's projection) is computed once
   per chain step with `detmath` and correctly rounded dot products.
 
@@ -38,7 +38,9 @@ import torch
 import torch.nn.functional as F
 
 from vdm.codec import detmath, kernels
-from vdm.codec.container import VERSION
+from vdm.codec.container import FORMATS, VERSION
+from vdm.nets.unet import (GN_EPS, GN_GROUPS, TIME_SCALE, AttnBlock, ResnetBlock, fourier_frequencies,
+                           timestep_log_step)
 
 EXACT32 = 2 ** 24  # |partial sums| of float32 integer products stay within this: exact in any order
 EXACT64 = 2 ** 53
@@ -55,14 +57,9 @@ Z_RANGE = 16.0  # … clamped to ±16 (|a| ≤ 2^30, summed in float64)
 QK_BITS_MAX = 9  # attention queries/keys: |q|, |k| ≤ 2^QK_BITS with C·2^(2·QK_BITS) ≤ 2^24
 SOFTMAX_STEP_LOG2 = -8  # d = max − score on a grid of 2^−8 …
 SOFTMAX_RANGE = 24 * 256  # … up to 24 (e^−24 ≈ 4e−11, treated as 24)
-ATTENTION_GRIDS = {4: (15, 16), 5: (15, 16), 6: (7, 7)}  # format version → (s, v): softmax weights
-# round(2^s·e^−d), values |v| ≤ 2^v (per-unit power-of-two step). s + v ≤ 24: float32 sums over blocks of
-# 2^(24 − s − v) keys; otherwise float64 sums (2^15·2^16·(pixels ≤ 2^16) < 2^53)
 ATTN_SCORES = 1 << 18  # attention scores computed at a time (any number gives the same bits)
 SPIKES_PER_CONV = 1000  # above one spike per this many inputs, a dense convolution takes the bulk of them …
 FUSED_SPIKES_PER_CONV = 64  # … or per this many with the compiled kernels, whose scatter is faster
-GN_GROUPS = 32
-GN_EPS = 1e-6
 SWISH_MIN = -0.2784645427610738  # min over x of x·sigmoid(x)
 
 
@@ -351,7 +348,10 @@ def _pow2_quantise(y: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tens
 
 
 class QuantResBlock:
-    def __init__(self, blk, device, fused: bool = False):
+    """A `ResnetBlock` on the residual stream: norm1 → conv1 (+ the step's conditioning bias) → norm2 → conv2,
+    plus the shortcut (a 1×1 layer with float64 sums when the width changes)."""
+
+    def __init__(self, blk: ResnetBlock, device, fused: bool = False):
         self.norm1 = QuantNormAct(blk.norm1, True, ACT_BITS, device, fused)
         self.conv1 = QuantLinear(blk.conv1.weight, blk.conv1.bias, self.norm1.steps, 2 ** ACT_BITS, EXACT32, device,
                                  fused=fused)
@@ -387,8 +387,9 @@ def _chunks(B: int, N: int, most: int):
 class QuantAttnBlock:
     """Single-head self-attention over the unit's pixels, exact as described in the module docstring."""
 
-    def __init__(self, blk, device, fused: bool = False, grids: tuple[int, int] = ATTENTION_GRIDS[VERSION]):
-        """`grids`: (s, v) of `ATTENTION_GRIDS`, the file format's."""
+    def __init__(self, blk: AttnBlock, device, fused: bool = False,
+                 grids: tuple[int, int] = FORMATS[VERSION].attention_grids):
+        """`grids`: (s, v), the file format's `attention_grids`."""
         C = blk.q.weight.shape[0]
         self.norm = QuantNormAct(blk.norm, False, ACT_BITS, device, fused)
         self.fused = fused  # CPU: quantisation, softmax weights and the residual add as `kernels`
@@ -492,25 +493,28 @@ class QuantAttnBlock:
 
 
 class CodingNetwork:
-    """ε̂(z_t; γ_t) of `model` computed exactly (see the module docstring); built from the model's weights."""
+    """ε̂(z_t; γ_t) of `model` computed exactly (see the module docstring); built from the model's weights.
+
+    The architecture is the float network's (`vdm.nets.unet.ScoreUNet`): the conditioning MLP
+    (`cond_layers`), the input features, and the body as the ordered plan `layers`, each block or attention
+    replaced by its quantised counterpart; nothing here restates the order of the layers."""
 
     def __init__(self, model, device: str | torch.device = "cpu", fused: bool | None = None, version: int = VERSION):
         """`fused`: the compiled CPU `kernels` for the elementwise passes (default: on the CPU, where numba is
         importable); the same bits as the torch operations, which run on other devices (and with `fused=False`).
-        `version`: the file format whose arithmetic to follow (a key of `ATTENTION_GRIDS`)."""
-        if version not in ATTENTION_GRIDS:
+        `version`: the file format whose arithmetic to follow (a key of `container.FORMATS`)."""
+        if version not in FORMATS:
             raise ValueError(f"no coding network for format version {version}")
         net = model.score_model
-        cfg = model.config
         self.device = torch.device(device)
         fused = self.device.type == "cpu" and kernels.AVAILABLE if fused is None else fused
         if fused and (self.device.type != "cpu" or not kernels.AVAILABLE):
             raise ValueError("the fused kernels need numba and run on the CPU only")
-        self.gamma_min, self.gamma_max = float(cfg.gamma_min), float(cfg.gamma_max)
+        self.time_conditioning = model.time_conditioning
         self.n_embd = net.n_embd
-        self.channels = cfg.channels
+        self.channels = model.config.channels
         self.exponents = tuple(net.fourier_exponents)
-        self.dense = [(_np(net.dense0.weight), _np(net.dense0.bias)), (_np(net.dense1.weight), _np(net.dense1.bias))]
+        self.dense = [(_np(layer.weight), _np(layer.bias)) for layer in net.cond_layers]
         C, w_in = self.channels, net.conv_in.weight
         self.conv_in_z = QuantLinear(w_in[:, :C], net.conv_in.bias, np.full(C, 2.0 ** -Z_BITS),
                                      int(Z_RANGE * 2 ** Z_BITS), EXACT64, self.device)
@@ -518,20 +522,23 @@ class CodingNetwork:
         if w_in.shape[1] > C:
             self.conv_in_f = QuantLinear(w_in[:, C:], None, np.full(w_in.shape[1] - C, 2.0 ** -FOURIER_BITS),
                                          2 ** FOURIER_BITS, EXACT32, self.device)
-        grids = ATTENTION_GRIDS[version]
-        self.down = [QuantResBlock(b, self.device, fused) for b in net.down]
-        self.down_attn = [QuantAttnBlock(a, self.device, fused, grids) if not isinstance(a, torch.nn.Identity) else None
-                          for a in net.down_attn]
-        self.mid1 = QuantResBlock(net.mid_block1, self.device, fused)
-        self.mid_attn = QuantAttnBlock(net.mid_attn, self.device, fused, grids)
-        self.mid2 = QuantResBlock(net.mid_block2, self.device, fused)
-        self.up = [QuantResBlock(b, self.device, fused) for b in net.up]
-        self.up_attn = [QuantAttnBlock(a, self.device, fused, grids) if not isinstance(a, torch.nn.Identity) else None
-                        for a in net.up_attn]
+        grids = FORMATS[version].attention_grids
+        quantised = {}  # id of a float module → its quantised counterpart
+        for layer in net.layers:
+            m = layer.module
+            quantised[id(m)] = (QuantResBlock(m, self.device, fused) if isinstance(m, ResnetBlock)
+                                else QuantAttnBlock(m, self.device, fused, grids))
+        self.layers = [(quantised[id(layer.module)], layer) for layer in net.layers]
         self.norm_out = QuantNormAct(net.norm_out, True, ACT_BITS, self.device, fused)
         self.conv_out = QuantLinear(net.conv_out.weight, net.conv_out.bias, self.norm_out.steps, 2 ** ACT_BITS,
                                     EXACT32, self.device, fused=fused)
-        self.blocks = self.down + [self.mid1, self.mid2] + self.up
+        self.blocks = [q for q, _ in self.layers if isinstance(q, QuantResBlock)]  # in conditioning order
+        # handles on the quantised layers by the float network's names, None where its plan leaves one out
+        # (tests, benchmarks)
+        self.down, self.up, self.down_attn, self.up_attn = ([quantised.get(id(m)) for m in modules] for modules in
+                                                            (net.down, net.up, net.down_attn, net.up_attn))
+        self.mid1, self.mid_attn, self.mid2 = (quantised.get(id(m)) for m in
+                                               (net.mid_block1, net.mid_attn, net.mid_block2))
         self._cond: dict[tuple[float, float], list[torch.Tensor]] = {}
 
     # --- the time conditioning, per chain step ---------------------------------------------------------------
@@ -539,10 +546,9 @@ class CodingNetwork:
         """Each block's conditioning bias (float64, per channel) at log-SNR parameter γ (cached)."""
         key = (gamma, conditioning)
         if key not in self._cond:
-            t_c = (gamma - self.gamma_min) / (self.gamma_max - self.gamma_min)
-            half = self.n_embd // 2
-            freqs = detmath.exp(np.arange(half, dtype=np.float64) * (-9.210340371976184 / (half - 1)))  # ln 10⁴
-            sin, cos = detmath.sin_cos(np.multiply(freqs, 1000.0 * t_c))
+            t_c = self.time_conditioning(gamma)
+            freqs = detmath.exp(np.arange(self.n_embd // 2, dtype=np.float64) * timestep_log_step(self.n_embd))
+            sin, cos = detmath.sin_cos(np.multiply(freqs, TIME_SCALE * t_c))
             emb = np.concatenate([sin, cos] + ([np.zeros(1)] if self.n_embd % 2 else []) + [np.array([conditioning])])
             for w, b in self.dense:
                 emb = detmath.silu(np.add(detmath.dot(w, emb), b))
@@ -558,7 +564,7 @@ class CodingNetwork:
         if self.conv_in_f is None:
             return y
         feats = np.repeat(z, len(self.exponents), axis=1)
-        mult = np.tile(np.array([2.0 ** e * (2 * math.pi) for e in self.exponents]), z.shape[1])
+        mult = np.tile(np.array(fourier_frequencies(self.exponents)), z.shape[1])
         sin, cos = detmath.sin_cos(np.multiply(feats, mult[None, :, None, None]))
         a = np.rint(np.multiply(np.concatenate([sin, cos], axis=1), 2.0 ** FOURIER_BITS))
         return torch.add(y, self.conv_in_f(torch.from_numpy(a).to(self.device)))
@@ -568,16 +574,12 @@ class CodingNetwork:
         biases = iter(self.block_biases(gamma, conditioning))
         h = to_residual(self.first_layer(z))
         skips = [h]
-        for blk, att in zip(self.down, self.down_attn):
-            h = blk(h, next(biases))
-            if att is not None:
-                h = att(h)
-            skips.append(h)
-        h = self.mid2(self.mid_attn(self.mid1(h, next(biases))), next(biases))
-        for blk, att in zip(self.up, self.up_attn):
-            h = blk(torch.cat([h, skips.pop()], dim=1), next(biases))
-            if att is not None:
-                h = att(h)
+        for quant, layer in self.layers:
+            if layer.pop_skip:
+                h = torch.cat([h, skips.pop()], dim=1)
+            h = quant(h, next(biases)) if isinstance(quant, QuantResBlock) else quant(h)
+            if layer.push_skip:
+                skips.append(h)
         out = self.conv_out(self.norm_out(h), res=False)
         zt = torch.from_numpy(np.asarray(z, dtype=np.float64)).to(self.device)
         return torch.add(out, zt).cpu().numpy()

@@ -4,6 +4,11 @@ Architecture of the official implementation (`ScoreUNet` in google-research/vdm 
 conv_in (3×3) on [z, Fourier features of z] → L residual blocks (outputs kept as skips) → middle
 (block, single-head self-attention, block) → L + 1 up blocks on concat(h, skip) → GroupNorm, swish,
 conv_out → + z. This module knows nothing of the diffusion: it sees z and a scalar t_c ∈ [0, 1] per example.
+
+This is the one description of the architecture. Its pieces are published for the codec's exact network
+(`vdm.codec.intnet`), which quantises what it finds here instead of restating it: the constants of the time
+embedding and of the Fourier features, the conditioning MLP (`ScoreUNet.cond_layers`, each followed by swish),
+and the ordered plan of the body (`ScoreUNet.layers`), which `ScoreUNet.forward` itself walks.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import contextlib
 import math
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,30 +25,42 @@ from torch import Tensor, nn
 
 from vdm.nets.winograd import conv3x3
 
-GN_GROUPS = 32
-GN_EPS = 1e-6
+GN_GROUPS = 32  # GroupNorm: min(32, C) groups …
+GN_EPS = 1e-6  # … and this ε, everywhere in the network
+TIME_SCALE = 1000.0  # the time embedding sees 1000·t_c …
+LN_MAX_PERIOD = 9.210340371976184  # … at frequencies exp(−ln(10⁴)·i/(half − 1)) (the float64 nearest ln 10⁴)
+
+
+def timestep_log_step(dim: int) -> float:
+    """−ln(10⁴)/(half − 1): the time embedding's frequencies are exp(i·this), i = 0 … half − 1."""
+    return -(LN_MAX_PERIOD / (dim // 2 - 1))
 
 
 def timestep_embedding(t: Tensor, dim: int) -> Tensor:
     """Sinusoidal embedding of 1000·t, (B,) → (B, dim): [sin(1000 t ω_i), cos(1000 t ω_i)],
-    ω_i = exp(−ln(10⁴)·i/(half − 1)). As in the official code, 1000·t is rounded to float32 even when the
-    model runs in float64 (`timesteps.astype(float32)`), while the frequencies and the sines are computed in
-    the working precision (float64 for a float64 model, float32 otherwise).
+    ω_i = exp(−ln(10⁴)·i/(half − 1)), a zero appended when `dim` is odd. As in the official code, 1000·t is
+    rounded to float32 even when the model runs in float64 (`timesteps.astype(float32)`), while the frequencies
+    and the sines are computed in the working precision (float64 for a float64 model, float32 otherwise).
     """
     dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
     half = dim // 2
-    freqs = torch.exp(torch.arange(half, dtype=dtype, device=t.device) * -(math.log(10000.0) / (half - 1)))
-    arg = (t * 1000.0).to(torch.float32).to(dtype)[:, None] * freqs[None, :]
+    freqs = torch.exp(torch.arange(half, dtype=dtype, device=t.device) * timestep_log_step(dim))
+    arg = (t * TIME_SCALE).to(torch.float32).to(dtype)[:, None] * freqs[None, :]
     emb = torch.cat([torch.sin(arg), torch.cos(arg)], dim=1)
     if dim % 2 == 1:
         emb = F.pad(emb, (0, 1))
     return emb
 
 
+def fourier_frequencies(exponents: Sequence[int]) -> list[float]:
+    """2ⁿ·2π for n in `exponents` (float64; exact powers of two times the float64 2π)."""
+    return [2.0 ** n * (2 * math.pi) for n in exponents]
+
+
 def fourier_features(z: Tensor, exponents: Sequence[int]) -> Tensor:
     """[sin(2ⁿ·2π·z), cos(2ⁿ·2π·z)] for n in `exponents`, channel-major: (B, C, H, W) → (B, 2·C·len(n), H, W)."""
     n = len(exponents)
-    w = (2.0 ** torch.tensor(list(exponents), dtype=z.dtype, device=z.device)) * (2 * math.pi)
+    w = torch.tensor(fourier_frequencies(exponents), dtype=z.dtype, device=z.device)
     h = z.repeat_interleave(n, dim=1) * w.repeat(z.shape[1])[None, :, None, None]
     return torch.cat([torch.sin(h), torch.cos(h)], dim=1)
 
@@ -181,8 +199,20 @@ class AttnBlock(nn.Module):
         return x + h
 
 
+@dataclass(frozen=True)
+class Layer:
+    """One step of the U-Net's body, in the order the forward pass takes them."""
+
+    module: nn.Module  # a ResnetBlock (called with the conditioning) or an AttnBlock
+    pop_skip: bool = False  # first concatenate the latest kept skip to the input, channels last (up path)
+    push_skip: bool = False  # then keep the output as a skip (down path)
+
+
 class ScoreUNet(nn.Module):
-    """ε̂(z, t_c): `channels` image channels, width `n_embd`, depth `n_layer` (the official `sm_*` settings)."""
+    """ε̂(z, t_c): `channels` image channels, width `n_embd`, depth `n_layer` (the official `sm_*` settings).
+
+    The forward pass: cond = swish(dense1(swish(dense0([emb(t_c), conditioning])))); h = conv_in([z, Fourier
+    features of z]), kept as the first skip; the `layers` in order; conv_out(swish(norm_out(h))) + z."""
 
     def __init__(self, channels: int = 3, n_embd: int = 128, n_layer: int = 32, dropout: float = 0.1,
                  attention: bool = False, fourier_exponents: Sequence[int] = (6, 7)):
@@ -211,6 +241,28 @@ class ScoreUNet(nn.Module):
         self.norm_out = GroupNorm(n_embd)
         self.conv_out = Conv3x3(n_embd, channels)
         official_init_(self)
+        self.cond_layers = (self.dense0, self.dense1)  # each followed by swish
+        self.layers = self._plan()
+
+    def _plan(self) -> tuple[Layer, ...]:
+        """The body in order: each down block (its attention after it, if any) keeps a skip; the middle; each up
+        block takes one."""
+        plan: list[Layer] = []
+        for blk, att in zip(self.down, self.down_attn):
+            plan += [Layer(blk), Layer(att)] if isinstance(att, AttnBlock) else [Layer(blk)]
+            plan[-1] = Layer(plan[-1].module, push_skip=True)
+        plan += [Layer(self.mid_block1), Layer(self.mid_attn), Layer(self.mid_block2)]
+        for blk, att in zip(self.up, self.up_attn):
+            plan.append(Layer(blk, pop_skip=True))
+            if isinstance(att, AttnBlock):
+                plan.append(Layer(att))
+        return tuple(plan)
+
+    def inputs(self, z: Tensor) -> Tensor:
+        """conv_in's input: z and its Fourier features, (B, C·(1 + 2·len(exponents)), H, W)."""
+        if not self.fourier_exponents:
+            return z
+        return torch.cat([z, fourier_features(z, self.fourier_exponents)], dim=1)
 
     def forward(self, z: Tensor, t_c: Tensor, conditioning: Tensor | None = None) -> Tensor:
         """z (B, C, H, W); t_c (B,) normalised log-SNR in [0, 1]; conditioning (B,) scalar (zeros by default)."""
@@ -218,18 +270,16 @@ class ScoreUNet(nn.Module):
             conditioning = torch.zeros_like(t_c)
         temb = timestep_embedding(t_c, self.n_embd).to(z.dtype)
         cond = torch.cat([temb, conditioning.to(z.dtype)[:, None]], dim=1)
-        cond = F.silu(self.dense1(F.silu(self.dense0(cond))))
+        for dense in self.cond_layers:
+            cond = F.silu(dense(cond))
 
-        h = z
-        if self.fourier_exponents:
-            h = torch.cat([z, fourier_features(z, self.fourier_exponents)], dim=1)
-        h = self.conv_in(h)
+        h = self.conv_in(self.inputs(z))
         skips = [h]
-        for blk, att in zip(self.down, self.down_attn):
-            h = att(blk(h, cond))
-            skips.append(h)
-        h = self.mid_block2(self.mid_attn(self.mid_block1(h, cond)), cond)
-        for blk, att in zip(self.up, self.up_attn):
-            h = att(blk(torch.cat([h, skips.pop()], dim=1), cond))
+        for layer in self.layers:
+            if layer.pop_skip:
+                h = torch.cat([h, skips.pop()], dim=1)
+            h = layer.module(h, cond) if isinstance(layer.module, ResnetBlock) else layer.module(h)
+            if layer.push_skip:
+                skips.append(h)
         h = self.conv_out(F.silu(self.norm_out(h)))
         return h + z
