@@ -82,7 +82,7 @@ def test_spacing_fields_round_trip_and_bad_ones_are_refused():
     c = container.Container(b"\1" * 16, params, 1, [container.ImageInfo(2, 4, 4)], [1],
                             np.array([1], dtype=np.uint32))
     data = container.pack(c)
-    back = container.unpack(data)
+    back = container.read_header(data)
     assert back.params == params and back.version == container.VERSION == 6
     with pytest.raises(ValueError, match="spacing must be 0"):
         CodingParams(spacing=2)
@@ -93,4 +93,4 @@ def test_spacing_fields_round_trip_and_bad_ones_are_refused():
     bad[at] = 7  # spacing kind 7
     bad = bytes(bad[:-4]) + struct.pack("<I", __import__("zlib").crc32(bytes(bad[:-4])))
     with pytest.raises(CodecFormatError, match="spacing"):
-        container.unpack(bad)
+        container.read_header(bad)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {"DecodedImage": "compressor", "ModelMismatchError": "compressor", "compress_images": "compressor",
-            "decompress_images": "compressor", "rate_bits_per_subpixel": "compressor", "read_header": "compressor",
+            "decompress_images": "compressor", "rate_bits_per_subpixel": "compressor", "read_header": "container",
             "CodecFormatError": "container", "CodingParams": "container"}
 __all__ = sorted(_EXPORTS)
 

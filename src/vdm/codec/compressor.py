@@ -26,7 +26,7 @@ import torch
 from vdm.codec import bitsback, tiling
 from vdm.codec.chain import Chain, chain_gammas, make_chain
 from vdm.codec.container import (FINGERPRINT_BYTES, MODES, SPACING_SNR, VERSION, CodecFormatError, CodingParams,
-                                 Container, ImageInfo, coding_key, pack, unpack)
+                                 Container, ImageInfo, coding_key, pack, read_header)
 from vdm.codec.fingerprint import model_fingerprint
 from vdm.codec.intnet import CodingNetwork, exact_arithmetic
 
@@ -177,12 +177,8 @@ def coding_chain(model, params: CodingParams) -> Chain:
 
 
 def compress_images(images: Sequence[np.ndarray], model, params: CodingParams = CodingParams(),
-                    names: Sequence[str] | None = None, progress: bool = False,
-                    stage_bits: list[int] | None = None) -> bytes:
-    """The `.vdmc` file holding `images` coded with `model` (a VDM) and `params`.
-
-    `stage_bits`, if given, receives each stage's net code length in bits (what the stage added to the stack,
-    its top-up words not counted), in coding order: for measuring where a file's bits go."""
+                    names: Sequence[str] | None = None, progress: bool = False) -> bytes:
+    """The `.vdmc` file holding `images` coded with `model` (a VDM) and `params`."""
     if not len(images):
         raise ValueError("no images to compress")
     names = list(names) if names is not None else [""] * len(images)
@@ -228,18 +224,11 @@ def compress_images(images: Sequence[np.ndarray], model, params: CodingParams = 
                     break
                 extra += max(8, math.ceil(0.25 * need / 32))
             coder = trial
-            if stage_bits is not None:
-                stage_bits.append(coder.num_bits() - budget - 32 * extra)
             stages.append(len(stage))
             topups.append(extra)
             bar.update(sum(u.h * u.w for u in stage))
     bar.close()
     return pack(Container(fp, params, 0, infos, stages, coder.get_compressed(), topups, plan.flags))
-
-
-def read_header(data: bytes) -> Container:
-    """Parse and check a `.vdmc` file without decoding it (raises `CodecFormatError`)."""
-    return unpack(data)
 
 
 def decompress_images(data: bytes, model, progress: bool = False, threads: int | None = None
@@ -249,7 +238,7 @@ def decompress_images(data: bytes, model, progress: bool = False, threads: int |
 
     Raises `CodecFormatError` for a damaged or foreign file and `ModelMismatchError` for another model.
     """
-    c = unpack(data)
+    c = read_header(data)
     if model_fingerprint(model)[:FINGERPRINT_BYTES] != c.fingerprint:
         raise ModelMismatchError("the file was compressed with a different model (fingerprint "
                                  f"{c.fingerprint.hex()}, this model {model_fingerprint(model)[:16].hex()})")

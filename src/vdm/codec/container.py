@@ -1,4 +1,5 @@
-"""The `.vdmc` file format: header, ANS payload, checksum. Parsing rejects bad input with `CodecFormatError`.
+"""The `.vdmc` file format: header, ANS payload, checksum. `pack` writes one; `read_header` parses one and
+rejects bad input with `CodecFormatError`.
 
 Layout (integers are unsigned LEB128 varints unless a size is given; multi-byte fixed fields little-endian):
 
@@ -248,8 +249,9 @@ def coding_key(fingerprint: bytes, params: CodingParams, images: list[ImageInfo]
     return h.digest()
 
 
-def unpack(data: bytes) -> Container:
-    """Parse and check a `.vdmc` file; raises `CodecFormatError` saying what is wrong."""
+def read_header(data: bytes) -> Container:
+    """Parse and check a `.vdmc` file without decoding it: its header, and its payload as words; raises
+    `CodecFormatError` saying what is wrong."""
     if data[:4] != MAGIC[:len(data)] or not data:
         raise CodecFormatError("not a vdm compressed file (bad magic bytes)")
     if len(data) < 4 + 1 + FINGERPRINT_BYTES + 4:
