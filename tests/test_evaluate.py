@@ -165,7 +165,7 @@ def test_cli_eval_errors(tmp_path, capsys, target):
     (tmp_path / "garbage.safetensors").write_bytes(b"not a model at all")
     assert main(["eval", str(tmp_path / target)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("vdm: error:") and target in err and "Traceback" not in err
+    assert err.startswith("vdm eval: error:") and target in err and "Traceback" not in err
 
 
 def test_cli_eval_bad_dataset(tmp_path, capsys):

@@ -257,7 +257,7 @@ def test_cli_sample_resumes_and_refuses_other_arguments(tmp_path, model_file, mo
 def test_cli_sample_bad_arguments(tmp_path, model_file, capsys, extra, message):
     assert main(["sample", str(model_file), "--out", str(tmp_path / "x.png"), *extra]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("vdm: error:") and message in err and err.count("\n") == 1
+    assert err.startswith("vdm sample: error:") and message in err and err.count("\n") == 1
     assert not (tmp_path / "x.png").exists()
 
 

@@ -1,8 +1,13 @@
 """The `vdm` command line: a thin layer; each subcommand calls one importable function.
 
 Exit codes, the same for every subcommand: 0 done; 1 the work started and failed (e.g. training stopped on
-non-finite losses); 2 the input was refused (bad arguments, configuration, file, model or dataset; one line on
-stderr says which, and nothing was written); 130 interrupted.
+non-finite losses, or the disk filled up; one line on stderr says why); 2 the input was refused (bad arguments,
+configuration, file, model or dataset, or an output that exists without --force; one line on stderr names the
+bad input, and nothing was written); 130 interrupted. An unexpected exception is a bug: exit 1 with its
+traceback.
+
+`main` is the one place that catches errors: commands raise `vdm.errors.InputError` (or let the library's own
+refusals propagate) and check their inputs and outputs before any work; `vdm.errors.exit_code` sorts them.
 """
 
 from __future__ import annotations
@@ -44,6 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        from vdm.errors import exit_code, message
+        code = exit_code(e)
+        if code is None:
+            raise  # a bug: keep the traceback
+        print(f"vdm {args.command}: error: {message(e)}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from vdm.choices import DEFAULT_GRID, DEFAULT_SAMPLER, DEFAULT_STEPS, GRIDS, PRECISIONS, SAMPLER_NAMES
+from vdm.errors import InputError, check_output_dir, check_output_file
 
 NATIVE_SIZE_DATASETS = ("fashion_mnist", "mnist", "cifar10", "imagenet32", "imagenet64")
 TARGET_HELP = "a model file (.safetensors), a checkpoint directory or a run directory (uses checkpoints/best)"
@@ -21,15 +22,6 @@ def register(subparsers) -> None:
 
 
 # --- shared helpers ---------------------------------------------------------------------------------------
-class CommandError(Exception):
-    """A user-facing failure: printed as one line on stderr, exit code 2."""
-
-
-def _fail(msg: str) -> int:
-    print(f"vdm: error: {msg}", file=sys.stderr)
-    return 2
-
-
 def _add_common(p: argparse.ArgumentParser, optional_help: str | None = None) -> None:
     """The model argument and --device; with `optional_help` the model may be left out (what then is used)."""
     if optional_help is None:
@@ -78,7 +70,7 @@ def _load(target: str, device: str):
     try:
         return load_model(target, map_location=_device(device))
     except CheckpointError as e:
-        raise CommandError(str(e)) from None
+        raise InputError(str(e)) from None
 
 
 def _packaged_sampling_model() -> str:
@@ -86,7 +78,7 @@ def _packaged_sampling_model() -> str:
     try:
         return str(default_model_path(SAMPLING_MODEL))
     except PretrainedMissingError as e:
-        raise CommandError(str(e)) from None
+        raise InputError(str(e)) from None
 
 
 def run_dir_of(target: str | Path) -> Path | None:
@@ -138,29 +130,20 @@ def load_images(args, model, *, limit: int | None = None, spread: bool = False):
     try:
         x = load_dataset(name, args.split, root=root, channels=model.config.channels, **kw)
     except (DatasetError, ValueError, OSError) as e:
-        raise CommandError(f"dataset {name!r} ({args.split}): {e}") from None
+        raise InputError(f"dataset {name!r} ({args.split}): {e}") from None
     if x.shape[1] != model.config.channels:
-        raise CommandError(f"dataset {name!r} has {x.shape[1]} channels, the model {model.config.channels}")
+        raise InputError(f"dataset {name!r} has {x.shape[1]} channels, the model {model.config.channels}")
     if limit is not None and limit < len(x):
         import numpy as np
         x = x[np.linspace(0, len(x) - 1, limit).round().astype(np.int64)] if spread else x[:limit]
     if len(x) == 0:
-        raise CommandError(f"dataset {name!r} ({args.split}) holds no images")
+        raise InputError(f"dataset {name!r} ({args.split}) holds no images")
     return x, name
 
 
 def _resolve(target: str) -> Path:
     from vdm.checkpoint import resolve_model_path
     return resolve_model_path(target)
-
-
-def _guarded(fn):
-    def wrapper(args) -> int:
-        try:
-            return fn(args)
-        except CommandError as e:
-            return _fail(str(e))
-    return wrapper
 
 
 # --- vdm eval ---------------------------------------------------------------------------------------------
@@ -199,16 +182,16 @@ def _register_eval(sub) -> None:
     _add_precision(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the text line")
     _add_conditioning(p)
-    p.set_defaults(func=_guarded(cmd_eval))
+    p.set_defaults(func=cmd_eval)
 
 
 def cmd_eval(args) -> int:
     from vdm.evaluate import evaluate, format_result
 
     if args.steps < 0 or args.time_samples < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
-        raise CommandError("--steps must be ≥ 0; --time-samples, --batch-size and --limit ≥ 1")
+        raise InputError("--steps must be ≥ 0; --time-samples, --batch-size and --limit ≥ 1")
     if args.likelihood == "ode" and (args.rtol <= 0 or args.atol <= 0 or args.hutchinson < 1):
-        raise CommandError("--rtol and --atol must be positive and --hutchinson ≥ 1")
+        raise InputError("--rtol and --atol must be positive and --hutchinson ≥ 1")
     model = _load(args.target, args.device)
     x, name = load_images(args, model, limit=args.limit)
     r = evaluate(model, x, steps=args.steps, time_samples=args.time_samples, batch_size=args.batch_size,
@@ -275,35 +258,37 @@ def _register_sample(sub) -> None:
     p.add_argument("--batch", type=int, default=64, help="images per batch (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--out", default="samples.png", help="output PNG grid (default: %(default)s)")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite the PNG and the .npz beside it if they exist (default: refuse, before sampling)")
     p.add_argument("--image-size", type=int, default=None, help="H = W (default: the model's)")
     p.add_argument("--nrow", type=int, default=None, help="images per grid row (default: ⌈√N⌉)")
     _add_precision(p)
     _add_conditioning(p)
-    p.set_defaults(func=_guarded(cmd_sample))
+    p.set_defaults(func=cmd_sample)
 
 
 def sample_settings(args) -> dict:
     """The keyword arguments of `vdm.sampling.sample_images` for the command's options, checked."""
     if args.num < 1 or args.batch < 1 or (args.image_size is not None and args.image_size < 1):
-        raise CommandError("-n, --batch and --image-size must be positive")
+        raise InputError("-n, --batch and --image-size must be positive")
     settings = dict(sampler=args.sampler, seed=args.seed, image_size=args.image_size,
                     precision=_precision(args), conditioning=args.conditioning)
     if args.sampler == "ode":
         if args.steps is not None or args.grid is not None:
-            raise CommandError("--steps and --grid do not apply to --sampler ode (adaptive; set --rtol/--atol)")
+            raise InputError("--steps and --grid do not apply to --sampler ode (adaptive; set --rtol/--atol)")
         if args.rtol <= 0 or args.atol <= 0:
-            raise CommandError(f"--rtol and --atol must be positive, got {args.rtol:g} and {args.atol:g}")
+            raise InputError(f"--rtol and --atol must be positive, got {args.rtol:g} and {args.atol:g}")
         return {**settings, "rtol": args.rtol, "atol": args.atol}
     steps = DEFAULT_STEPS[args.sampler] if args.steps is None else args.steps
     if steps < 1:
-        raise CommandError(f"--steps must be at least 1, got {steps}")
+        raise InputError(f"--steps must be at least 1, got {steps}")
     settings.update(steps=steps, grid=args.grid or DEFAULT_GRID[args.sampler])
     if args.sampler == "ddim":
         if not 0.0 <= args.eta <= 1.0:
-            raise CommandError(f"--eta must lie in [0, 1], got {args.eta:g}")
+            raise InputError(f"--eta must lie in [0, 1], got {args.eta:g}")
         settings["eta"] = args.eta
     elif args.eta != 0.0:
-        raise CommandError("--eta applies to --sampler ddim only")
+        raise InputError("--eta applies to --sampler ddim only")
     return settings
 
 
@@ -312,13 +297,15 @@ def cmd_sample(args) -> int:
 
     out = Path(args.out)
     if out.suffix.lower() != ".png":
-        raise CommandError(f"--out must name a .png file, got {out}")
+        raise InputError(f"--out must name a .png file, got {out}")
+    for path in (out, out.with_suffix(".npz")):
+        check_output_file(path, args.force, "--out")
     settings = sample_settings(args)
     model = _load(args.target or _packaged_sampling_model(), args.device)
     try:
         images = sample_to_files(model, out, args.num, batch=args.batch, settings=settings, nrow=args.nrow)
     except ResumeError as e:
-        raise CommandError(str(e)) from None
+        raise InputError(str(e)) from None
     if images.shape[1] not in (1, 3):
         print(f"note: {images.shape[1]} channels, no PNG grid written", file=sys.stderr)
     how = f"{settings['steps']} steps" if "steps" in settings else f"rtol {args.rtol:g}, atol {args.atol:g}"
@@ -341,7 +328,9 @@ def _register_plot(sub) -> None:
                    help="test images for the integrand, spread over the split (default: %(default)s)")
     p.add_argument("--points", type=int, default=32, help="times t for the integrand (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
-    p.set_defaults(func=_guarded(cmd_plot))
+    p.add_argument("--force", action="store_true",
+                   help="overwrite figures that already exist in the output folder (default: refuse, before plotting)")
+    p.set_defaults(func=cmd_plot)
 
 
 def cmd_plot(args) -> int:
@@ -350,21 +339,29 @@ def cmd_plot(args) -> int:
     try:
         pyplot()
     except ImportError as e:
-        raise CommandError(str(e)) from None
+        raise InputError(str(e)) from None
     if args.images < 0 or args.points < 1:
-        raise CommandError("--images must be ≥ 0 and --points ≥ 1")
-    model = _load(args.target, args.device)
+        raise InputError("--images must be ≥ 0 and --points ≥ 1")
     run = run_dir_of(args.target)
     target = Path(args.target)
     out = Path(args.out) if args.out else (run or (target if target.is_dir() else target.parent)) / "plots"
     metrics = run / "metrics.jsonl" if run is not None and (run / "metrics.jsonl").is_file() else None
+    check_output_dir(out, "--out")
+    for name in _figures(metrics is not None, args.images > 0):
+        check_output_file(out / name, args.force, "--out")
+    model = _load(args.target, args.device)
     if metrics is None:
         print("note: no metrics.jsonl found, no training curve", file=sys.stderr)
     data = load_images(args, model, limit=args.images, spread=True)[0] if args.images else None
     try:
         written = plot_run(model, out, metrics=metrics, data=data, points=args.points, seed=args.seed)
     except MetricsError as e:
-        raise CommandError(str(e)) from None
+        raise InputError(str(e)) from None
     for path in written:
         print(f"wrote {path}")
     return 0
+
+
+def _figures(curve: bool, integrand: bool) -> list[str]:
+    """The file names `vdm.plot.plot_run` writes: the training curve with metrics, the integrand with images."""
+    return ["training_curve.png"] * curve + ["schedule.png"] + ["diffusion_integrand.png"] * integrand

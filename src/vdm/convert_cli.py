@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
+
+from vdm.errors import InputError, check_output_file
 
 PARAM_TREES = {"ema": "ema_params", "raw": "params"}
 
@@ -32,28 +32,20 @@ def register(subparsers) -> None:
                         "training weights (raw)")
     p.add_argument("--image-size", type=int, default=None, metavar="N",
                    help="the model's image side (default: the configuration's, 32 for CIFAR-10)")
-    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite --out if it exists (default: refuse, before reading the checkpoint)")
     p.set_defaults(func=convert_command)
 
 
 def convert_command(args) -> int:
     from vdm.checkpoint import save_model
-    from vdm.convert import ConversionError, convert_checkpoint
-    from vdm.flax_checkpoint import FlaxCheckpointError
-    from vdm.official_configs import OfficialConfigError
+    from vdm.convert import convert_checkpoint
 
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        return _fail(f"{out} exists; pass --force to overwrite it")
-    if out.is_dir():
-        return _fail(f"{out} is a directory; --out names the model file to write")
+    out = check_output_file(args.out, args.force, "--out")
     if args.image_size is not None and args.image_size < 1:
-        return _fail(f"--image-size must be positive, got {args.image_size}")
-    try:
-        model, source = convert_checkpoint(args.official, args.config, tree=PARAM_TREES[args.params],
-                                           image_size=args.image_size)
-    except (FlaxCheckpointError, OfficialConfigError, ConversionError) as e:
-        return _fail(str(e))
+        raise InputError(f"--image-size must be positive, got {args.image_size}")
+    model, source = convert_checkpoint(args.official, args.config, tree=PARAM_TREES[args.params],
+                                       image_size=args.image_size)
     save_model(model, out, source=source)
     cfg = model.config
     n = sum(p.numel() for p in model.parameters())
@@ -62,8 +54,3 @@ def convert_command(args) -> int:
           f"attention {'on' if cfg.attention else 'off'}, {cfg.image_size}×{cfg.image_size}×{cfg.channels}, "
           f"{n / 1e6:.2f} M parameters")
     return 0
-
-
-def _fail(msg: str) -> int:
-    print(f"vdm: error: {msg}", file=sys.stderr)
-    return 2

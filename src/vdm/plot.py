@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vdm.files import atomic_write
 from vdm.model import VDM
 
 INSTALL_HINT = "plotting needs matplotlib: pip install 'vdm[plot]' (or pip install 'matplotlib>=3.7')"
@@ -128,11 +129,13 @@ def plot_integrand(times: np.ndarray, values: np.ndarray, path: str | os.PathLik
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
+    """Write `fig` as a PNG atomically (an overwritten figure is never left half-written), then close it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, format="png", dpi=120)
-    pyplot().close(fig)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    finally:
+        pyplot().close(fig)
     return path
 
 

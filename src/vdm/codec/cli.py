@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 from pathlib import Path
 
+from vdm.errors import InputError, check_input_file, check_output_dir, check_output_file
 from vdm.files import atomic_write
 
 DEFAULTS_NOTE = ("The defaults (T = 200 steps, a σ/4 grid, 32-pixel tiles, warm-up pieces down to 8×8) were chosen "
@@ -24,7 +23,8 @@ def register(subparsers) -> None:
                     "bits per sub-pixel, headers and initial bits included. " + DEFAULTS_NOTE)
     p.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files (.png, .npy, .npz, ...)")
     p.add_argument("-o", "--output", required=True, help="the .vdmc file to write")
-    p.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite the output file if it exists (default: refuse, before compressing)")
     _model_args(p)
     p.add_argument("--steps", type=int, default=d.steps, help=f"T, discrete steps of the chain (default {d.steps})")
     p.add_argument("--grid-bits", type=int, default=d.grid_bits,
@@ -56,7 +56,8 @@ def register(subparsers) -> None:
                     "the thread count and the torch version do not change the pixels.")
     q.add_argument("input", metavar="FILE", help="the .vdmc file")
     q.add_argument("-o", "--output", required=True, help="directory to write the images into")
-    q.add_argument("--force", action="store_true", help="overwrite images that already exist in the directory")
+    q.add_argument("--force", action="store_true",
+                   help="overwrite images that already exist in the directory (default: refuse, before decoding)")
     q.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: the number recorded by the encoder, at most this machine's cores); "
                         "any gives the same pixels")
@@ -84,38 +85,27 @@ def _load(args, fingerprint: bytes | None = None):
     return load_model(args.model, map_location=args.device)
 
 
-def _errors():
-    from vdm.checkpoint import CheckpointError
-    from vdm.codec.compressor import ModelMismatchError
-    from vdm.codec.container import CodecFormatError
-    from vdm.codec.images import ImageReadError
-    return (CheckpointError, ModelMismatchError, CodecFormatError, ImageReadError, OSError, ValueError)
-
-
-def _fail(cmd: str, e: Exception) -> int:
-    print(f"vdm {cmd}: error: {e}", file=sys.stderr)
-    return 2  # refused input (see the exit codes in vdm.cli)
-
-
 def compress_command(args) -> int:
     import torch
     from vdm.codec.compressor import compress_images
     from vdm.codec.container import SPACINGS, CodingParams
     from vdm.codec.images import read_images
+    check_output_file(args.output, args.force, "-o")
     try:
-        if Path(args.output).exists() and not args.force:
-            raise FileExistsError(f"{args.output} exists; pass --force to overwrite it")
         params = CodingParams(args.steps, args.grid_bits, args.tile, args.warmup, args.batch,
                               args.threads or torch.get_num_threads(), args.conditioning,
                               spacing=SPACINGS[args.spacing])
-        items = [item for path in args.inputs for item in read_images(path)]
-        model = _load(args)
-        t0 = time.perf_counter()
+    except ValueError as e:
+        raise InputError(f"coding parameters: {e}") from None
+    items = [item for path in args.inputs for item in read_images(check_input_file(path))]
+    model = _load(args)
+    t0 = time.perf_counter()
+    try:
         data = compress_images([a for _, a in items], model, params, [n for n, _ in items], progress=not args.quiet)
-        seconds = time.perf_counter() - t0
-        atomic_write(args.output, lambda tmp: Path(tmp).write_bytes(data))
-    except _errors() as e:
-        return _fail("compress", e)
+    except ValueError as e:  # images, tiles or channels the model cannot code, refused before any coding
+        raise InputError(str(e)) from None
+    seconds = time.perf_counter() - t0
+    atomic_write(args.output, lambda tmp: Path(tmp).write_bytes(data))
     subpixels = sum(a.size for _, a in items)
     pixels = sum(a.shape[0] * a.shape[1] for _, a in items)
     print(f"{len(items)} image(s), {subpixels} sub-pixels -> {len(data)} bytes: "
@@ -125,22 +115,26 @@ def compress_command(args) -> int:
 
 def decompress_command(args) -> int:
     from vdm.codec.compressor import decompress_images, read_header
-    import numpy as np
-    from vdm.codec.images import refuse_existing, write_images
-    try:
-        data = Path(args.input).read_bytes()
-        header = read_header(data)  # refuse a damaged file before loading any model
-        if not args.force:  # and refuse to overwrite before spending time decoding
-            shapes = [(im.height, im.width) + (() if im.mode == 0 else (im.channels,)) for im in header.images]
-            refuse_existing([(im.name, np.broadcast_to(np.uint8(0), shape))
-                             for im, shape in zip(header.images, shapes)], args.output)
-        model = _load(args, header.fingerprint)
-        if args.threads is not None and not 1 <= args.threads <= 256:
-            raise ValueError(f"--threads must lie in 1..256, got {args.threads}")
-        images = decompress_images(data, model, progress=not args.quiet, threads=args.threads)
-        paths = write_images([(im.name, im.pixels) for im in images], args.output, force=args.force)
-    except _errors() as e:
-        return _fail("decompress", e)
+    from vdm.codec.images import write_images
+    if args.threads is not None and not 1 <= args.threads <= 256:
+        raise InputError(f"--threads must lie in 1..256, got {args.threads}")
+    data = check_input_file(args.input).read_bytes()
+    header = read_header(data)  # refuse a damaged file before loading any model
+    check_output_dir(args.output, "-o")  # and every output, before spending time decoding
+    for path in output_paths(header, args.output):
+        check_output_file(path, args.force, "-o")
+    model = _load(args, header.fingerprint)
+    images = decompress_images(data, model, progress=not args.quiet, threads=args.threads)
+    paths = write_images([(im.name, im.pixels) for im in images], args.output, force=args.force)
     print(f"{len(images)} image(s) written to {args.output}: " + ", ".join(p.name for p in paths[:8])
           + (" ..." if len(paths) > 8 else ""))
     return 0
+
+
+def output_paths(header, outdir: str | Path) -> list[Path]:
+    """The files decoding the images of `header` (a `read_header` result) writes into `outdir`."""
+    import numpy as np
+    from vdm.codec.images import planned_names
+    shapes = [(im.height, im.width) + (() if im.mode == 0 else (im.channels,)) for im in header.images]
+    return [Path(outdir) / name for name in
+            planned_names([(im.name, np.broadcast_to(np.uint8(0), shape)) for im, shape in zip(header.images, shapes)])]

@@ -59,6 +59,8 @@ def _read_pillow(path: Path) -> np.ndarray:
 def read_images(path: str | os.PathLike) -> list[tuple[str, np.ndarray]]:
     """The images in one file as (name, uint8 array) pairs."""
     path = Path(path)
+    if path.is_dir():
+        raise ImageReadError(f"{path}: is a directory, not an image file")
     if not path.is_file():
         raise ImageReadError(f"{path}: no such file")
     suffix = path.suffix.lower()
@@ -127,10 +129,16 @@ def _plan(images: Sequence[tuple[str, np.ndarray]]) -> dict[str, object]:
     return plan
 
 
+def planned_names(images: Sequence[tuple[str, np.ndarray]]) -> list[str]:
+    """The file names `write_images` gives `images` ((name, array) pairs; the arrays are read only for their
+    shapes), one per file written."""
+    return list(_plan(images))
+
+
 def refuse_existing(images: Sequence[tuple[str, np.ndarray]], outdir: str | os.PathLike) -> None:
     """`FileExistsError` naming the files that writing `images` ((name, array) pairs; the arrays are read only
     for their shapes) into `outdir` would overwrite."""
-    existing = [Path(outdir) / f for f in _plan(images) if (Path(outdir) / f).exists()]
+    existing = [Path(outdir) / f for f in planned_names(images) if (Path(outdir) / f).exists()]
     if existing:
         shown = ", ".join(str(p) for p in existing[:3]) + (" …" if len(existing) > 3 else "")
         raise FileExistsError(f"{shown} exist{'s' if len(existing) == 1 else ''}; pass --force to overwrite")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
+from vdm.errors import InputError, check_output_dir
 from vdm.presets import preset_names
 
 EPILOG = """\
@@ -48,7 +48,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=False, metavar="RUN_DIR", help="run directory (required unless "
                    "--print-config)")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the newest checkpoint in RUN_DIR (starts fresh if there is none)")
+                   help="continue from the newest checkpoint in RUN_DIR (starts fresh if there is none); without "
+                        "it a RUN_DIR that holds checkpoints is refused")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total "
                    "(overrides run.max_steps)")
     p.add_argument("--max-minutes", type=float, default=None,
@@ -69,33 +70,20 @@ def resolve_config(args):
 
 
 def run_train(args) -> int:
-    from vdm.checkpoint import CheckpointError
-    from vdm.config import ConfigError
-    from vdm.train import TrainingError, train
+    from vdm.train import train
 
-    try:
-        config = resolve_config(args)
-    except ConfigError as e:
-        print(f"vdm train: error: {e}", file=sys.stderr)
-        return 2
+    config = resolve_config(args)
     if args.print_config:
         print(config.to_json())
         return 0
     if args.max_steps is not None and args.max_steps < 0:
-        print(f"vdm train: error: --max-steps must not be negative, got {args.max_steps}", file=sys.stderr)
-        return 2
+        raise InputError(f"--max-steps must not be negative, got {args.max_steps}")
     if args.max_minutes is not None and not args.max_minutes > 0:
-        print(f"vdm train: error: --max-minutes must be positive, got {args.max_minutes}", file=sys.stderr)
-        return 2
+        raise InputError(f"--max-minutes must be positive, got {args.max_minutes}")
     if not args.out:
-        print("vdm train: error: --out RUN_DIR is required", file=sys.stderr)
-        return 2
-    try:
-        summary = train(config, args.out, resume=args.resume, max_steps=args.max_steps,
-                        max_minutes=args.max_minutes)
-    except (TrainingError, CheckpointError) as e:
-        print(f"vdm train: error: {e}", file=sys.stderr)
-        return 1  # the run started and stopped (see the exit codes in vdm.cli)
+        raise InputError("--out RUN_DIR is required")
+    check_output_dir(args.out, "--out")
+    summary = train(config, args.out, resume=args.resume, max_steps=args.max_steps, max_minutes=args.max_minutes)
     if os.environ.get("RANK", "0") == "0":  # one summary line, from rank 0 under torchrun
         print(json.dumps(summary))
     return 0
