@@ -31,7 +31,7 @@ def register(subparsers) -> None:
                    help=f"latents are quantised to σ_t·2^-k; this is k (default {d.grid_bits})")
     p.add_argument("--spacing", choices=tuple(SPACINGS), default="auto",
                    help="how the T steps are spaced: snr weights them by how much each noise level still hides "
-                        "(0.75 %% smaller files at T = 200 on 64 held-out tiles), t evenly in time (format 4's chain); "
+                        "(0.75 %% smaller files at T = 200 on 64 held-out tiles), t evenly in time; "
                         f"auto (default): snr for T ≥ {SNR_SPACING_MIN_STEPS}, else t")
     p.add_argument("--tile", type=int, default=d.tile, help=f"tile side in pixels, 0 = whole images (default {d.tile})")
     p.add_argument("--warmup", type=int, default=d.warmup,
@@ -114,7 +114,8 @@ def compress_command(args) -> int:
 
 
 def decompress_command(args) -> int:
-    from vdm.codec.compressor import decompress_images, read_header
+    from vdm.codec.compressor import decompress_images
+    from vdm.codec.container import read_header
     from vdm.codec.images import write_images
     if args.threads is not None and not 1 <= args.threads <= 256:
         raise InputError(f"--threads must lie in 1..256, got {args.threads}")

@@ -63,8 +63,8 @@ MAX_BATCH = 1024  # units per network call
 MAX_THREADS = 256
 SPACING_T, SPACING_SNR = 0, 1  # CodingParams.spacing: steps uniform in t, or SNR-weighted in γ
 SPACINGS = {"auto": -1, "t": SPACING_T, "snr": SPACING_SNR}  # names of CodingParams.spacing (command line)
-SNR_SPACING_MIN_STEPS = 50  # below, SNR-weighted steps lost to even ones for one packaged model or the other
-# (first model at T ≤ 6, current one at T ≤ 20: bench/results/chain_spacing_*.txt)
+SNR_SPACING_MIN_STEPS = 50  # below, a few big steps even in t lose less than SNR-weighted ones (the packaged
+# model up to T = 20 at least: bench/results/chain_spacing_*.txt)
 
 
 class CodecFormatError(ValueError):
@@ -99,8 +99,8 @@ class CodingParams:
     spacing: int = -1  # the chain's steps: SPACING_T or SPACING_SNR (chain.snr_spaced_gammas);
     # −1 (default): 1 when steps ≥ SNR_SPACING_MIN_STEPS, else 0 (with a few big steps even ones lose less)
     spacing_a: int = 128  # its slope a = spacing_a/256 (0.5) …
-    spacing_b: int = -1920  # … and centre b = spacing_b/256 (−7.5): fitted to the first packaged model
-    # (bench/results/chain_spacing_T200.txt)
+    spacing_b: int = -1920  # … and centre b = spacing_b/256 (−7.5): fitted to a packaged model's e(γ)
+    # (bench/chain_spacing.py; bench/results/chain_spacing_T200.txt)
 
     def __post_init__(self):
         if self.spacing == -1:
