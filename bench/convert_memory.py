@@ -23,7 +23,7 @@ from pathlib import Path
 import msgpack
 import numpy as np
 
-from vdm.flax_checkpoint import nest, pack_array
+from vdm.testing import nest, pack_array
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_STATS = ROOT / "tests" / "fixtures" / "official_vdm" / "init_stats.json"

@@ -25,10 +25,12 @@ import argparse
 import torch
 from torchdiffeq import odeint
 
+from samplers import count_network_calls  # bench/samplers.py, beside this script
 from vdm import process
-from vdm import sampling as S
+from vdm import samplers as S
 from vdm.checkpoint import load_model
 from vdm.pretrained import PRETRAINED_DIR, SAMPLING_MODEL
+from vdm.seeding import image_generators
 
 
 def rms(a, b, alpha: float = 1.0) -> float:
@@ -45,7 +47,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     model = load_model(args.model).eval()
-    z_1 = S.prior_latent(model, args.samples, generator=S.image_generators(0, range(args.samples)))
+    z_1 = S.prior_latent(model, args.samples, generator=image_generators(0, range(args.samples)))
     print(f"model {args.model}; {args.samples} samples (seed 0)")
     if args.sensitivity:
         sensitivity(model, z_1, args.rtol)
@@ -77,7 +79,7 @@ def sensitivity(model, z_1: torch.Tensor, rtol: float) -> None:
         m = model.to(torch.float64)
         alpha_0 = float(process.alpha_sigma(m.gamma(torch.tensor(0.0, dtype=torch.float64)))[0])
         z64 = z_1.to(torch.float64)
-        with S.count_network_calls(m) as calls:
+        with count_network_calls(m) as calls:
             ref = S.ode(m, z64, rtol=rtol, atol=rtol)
         print(f"float64 reference, rtol = atol = {rtol:g}: {calls[0] // len(z64)} network calls", flush=True)
         u = torch.randn(z64.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)

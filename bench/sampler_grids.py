@@ -27,9 +27,10 @@ import time
 import numpy as np
 import torch
 
-from vdm import sampling as S
+from vdm import samplers as S
 from vdm.checkpoint import load_model
 from vdm.pretrained import PRETRAINED_DIR, SAMPLING_MODEL
+from vdm.seeding import image_generators
 
 FAMILIES = ("lambda", "t", "karras", "geom", "trunc")
 
@@ -76,7 +77,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     model = load_model(args.model).eval()
-    z_1 = S.prior_latent(model, args.samples, generator=S.image_generators(0, range(args.first,
+    z_1 = S.prior_latent(model, args.samples, generator=image_generators(0, range(args.first,
                                                                                      args.first + args.samples)))
     start = time.perf_counter()
     ref = torch.cat([S.generate(model, z_1[i:i + 8], "ode", [1.0, 0.0], rtol=args.ref_tol, atol=args.ref_tol)

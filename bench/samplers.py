@@ -18,18 +18,37 @@ function evaluations.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
 from vdm.checkpoint import load_model
+from vdm.choices import DEFAULT_GRID
 from vdm.pretrained import PRETRAINED_DIR, SAMPLING_MODEL
-from vdm.sampling import (DEFAULT_GRID, count_network_calls, generate, image_generators, prior_latent,
-                          time_grid)
+from vdm.samplers import generate, prior_latent, time_grid
+from vdm.seeding import image_generators
 
 PACKAGED = str(PRETRAINED_DIR / SAMPLING_MODEL)
+
+
+@contextlib.contextmanager
+def count_network_calls(model) -> Iterator[list[int]]:
+    """Within the block, [calls] counts the images passed through the score network (network calls × batch),
+    by a forward pre-hook on `model.score_model` (removed at the end; blocks nest)."""
+    counter = [0]
+
+    def count(module, args):
+        counter[0] += args[0].shape[0]
+
+    handle = model.score_model.register_forward_pre_hook(count)
+    try:
+        yield counter
+    finally:
+        handle.remove()
 
 
 def cpu_name() -> str:

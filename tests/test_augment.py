@@ -80,7 +80,7 @@ def test_sampling_and_evaluation_take_the_conditioning():
     its conditioning input produces (here a perturbed small model)."""
     from vdm import VDM
     from vdm.evaluate import evaluate
-    from vdm.sampling import sample_images
+    from vdm.sample_run import sample_images
 
     torch.manual_seed(0)
     model = VDM(image_size=8, n_embd=32, n_layer=1, dropout=0.0).eval()

@@ -2,7 +2,7 @@
 
 The official-format checkpoint `tests/fixtures/official_checkpoint/D/checkpoints-0.flax` and the official model's
 outputs for its EMA parameters (`D.npz`, float64) come from the official code; other checkpoints here are written in the same
-format (flax's `to_bytes` layout, `vdm.flax_checkpoint.pack_array`) from random official parameter trees.
+format (flax's `to_bytes` layout, `vdm.testing.pack_array`) from random official parameter trees.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import official_reference as ref
 from conftest import CHECKPOINT_FIXTURES as CKPT, FIXTURES
 from vdm.checkpoint import load_model, read_source
 from vdm.convert import convert_checkpoint, parameter_map
-from vdm.flax_checkpoint import FlaxCheckpointError, nest, pack_array, read_parameters
+from vdm.flax_checkpoint import FlaxCheckpointError, read_parameters
+from vdm.testing import nest, pack_array
 from vdm.official_configs import OFFICIAL_CONFIGS, official_config
 
 SRC = Path(__file__).resolve().parents[1] / "src"

@@ -16,8 +16,8 @@ import torch
 import vdm
 from vdm import losses, process
 from vdm.evaluate import image_noise, ode_image_terms
-from vdm.sampling import (_dpmpp_update, ancestral, ddim, divergence, dpmpp_2m, dpmpp_3m, lambda_times, ode,
-                          ode_log_likelihood)
+from vdm.likelihood import divergence, ode_log_likelihood
+from vdm.samplers import ancestral, ddim, dpmpp_2m, dpmpp_3m, dpmpp_update, lambda_times, ode
 
 SCHEDULES = ("fixed_linear", "learned_linear", "learned_nnet")
 F64 = dict(dtype=torch.float64)
@@ -117,7 +117,7 @@ def test_dpmpp_update_has_local_error_h_to_the_order_plus_one(order):
                   for g in gammas[:-1]]
         lams = [process.log_snr(g) for g in gammas[:-1]]
         z_t = model.flow(z_1, gammas[-2])
-        return max_err(_dpmpp_update(z_t, x_hats, lams, gammas[-2], gammas[-1]), model.flow(z_1, gammas[-1]))
+        return max_err(dpmpp_update(z_t, x_hats, lams, gammas[-2], gammas[-1]), model.flow(z_1, gammas[-1]))
 
     assert g1 > 0  # the λ used above (0.5 ± a few h) lie inside the schedule's range
     ratio = local_error(0.1) / local_error(0.05)
@@ -138,8 +138,39 @@ def test_dpmpp_2m_update_is_algorithm_2_of_the_paper():
     sigma = [torch.sqrt(torch.sigmoid(v)) for v in g]
     alpha = [torch.sqrt(torch.sigmoid(-v)) for v in g]
     expected = sigma[2] / sigma[1] * z_prev - alpha[2] * (torch.exp(-h) - 1) * D
-    got = _dpmpp_update(z_prev, [x_prev2, x_prev1], lam[:2], g[1], g[2])
+    got = dpmpp_update(z_prev, [x_prev2, x_prev1], lam[:2], g[1], g[2])
     assert abs(float(got - expected)) < 1e-14
+
+
+def test_dpmpp_3m_update_is_exact_for_quadratic_data_predictions():
+    """With x̂(λ) = a + bλ + cλ² the third-order update is the exact z_s = (σ_s/σ_t)·z_t + σ_s∫e^λ x̂(λ)dλ
+    (∫e^λ x̂ dλ = e^λ·(a − b + 2c + (b − 2c)λ + cλ²)). The update of the DPM-Solver reference code, diffusers
+    and k-diffusion, written out below in their variables (r₀ = h₀/h, r₁ = h₁/h, D₂ weighted by φ₃), misses
+    by α_s·φ₃·h²·x̂''/2, as `dpmpp_update`'s docstring says."""
+    a, b, c = 0.3, -0.7, 1.9
+    lam = [torch.tensor(v, **F64) for v in (0.2, 0.5, 1.0, 1.4)]  # λ_{t−2}, λ_{t−1}, λ_t, λ_s: unequal steps
+    gamma = [-2 * v for v in lam]
+    x_hats = [a + b * v + c * v ** 2 for v in lam[:3]]
+    z_t = torch.tensor(0.4, **F64)
+    (alpha_s, sigma_s), (_, sigma_t) = process.alpha_sigma(gamma[3]), process.alpha_sigma(gamma[2])
+
+    def antiderivative(v):
+        return torch.exp(v) * (a - b + 2 * c + (b - 2 * c) * v + c * v ** 2)
+
+    exact = sigma_s / sigma_t * z_t + sigma_s * (antiderivative(lam[3]) - antiderivative(lam[2]))
+    ours = dpmpp_update(z_t, x_hats, lam[:3], gamma[2], gamma[3])
+    assert abs(float(ours - exact)) < 1e-13
+
+    h, h_0, h_1 = lam[3] - lam[2], lam[2] - lam[1], lam[1] - lam[0]
+    r0, r1 = h_0 / h, h_1 / h
+    d1_0, d1_1 = (x_hats[2] - x_hats[1]) / r0, (x_hats[1] - x_hats[0]) / r1
+    d1, d2 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1), (d1_0 - d1_1) / (r0 + r1)
+    phi_1 = torch.expm1(-h)
+    phi_2 = phi_1 / h + 1
+    phi_3 = phi_2 / h - 0.5
+    common = sigma_s / sigma_t * z_t - alpha_s * phi_1 * x_hats[2] + alpha_s * phi_2 * d1 - alpha_s * phi_3 * d2
+    assert abs(float(common - exact - alpha_s * phi_3 * h ** 2 * (2 * c) / 2)) < 1e-13
+    assert abs(float(common - exact)) > 1e-3
 
 
 def test_dpmpp_3m_beats_2m():

@@ -1,4 +1,5 @@
-"""`vdm.sampling` and `vdm sample`: agreement with `VDM.sample`, exactness on a known data distribution, files."""
+"""`vdm.samplers`, `vdm.sample_run` and `vdm sample`: agreement with `VDM.sample`, exactness on a known data
+distribution, conditioning, files."""
 
 
 import numpy as np
@@ -10,8 +11,10 @@ import vdm
 from vdm import process
 from vdm.checkpoint import save_model
 from vdm.cli import main
-from vdm.sampling import (SAMPLERS, ancestral_sample, generate, image_generators, lambda_times, load_npz,
-                          make_grid, prior_latent, sample_images, save_grid_png, save_npz, uniform_times)
+from vdm.image_files import load_npz, make_grid, save_grid_png, save_npz
+from vdm.sample_run import sample_images
+from vdm.samplers import SAMPLERS, ancestral_sample, generate, lambda_times, prior_latent, uniform_times
+from vdm.seeding import image_generators
 
 
 def tiny_model(**kw) -> vdm.VDM:
@@ -85,6 +88,53 @@ def test_exact_denoiser_samples_the_data_point(sampler):
         x = generate(model, z_1, sampler, times, generator=torch.Generator().manual_seed(2),
                      **({"eta": 0.5} if sampler == "ddim" else {}))
         assert torch.equal(x, x_star.expand(4, -1, -1, -1))
+
+
+def test_conditioning_goes_through_the_sampler_signature(monkeypatch):
+    """Every network call gets the conditioning as an argument and the samplers leave the model's attributes
+    alone: a wrapper around `model.eps_hat` (here counting calls) survives sampling with a conditioning, and
+    sees K calls per image for each K-step sampler."""
+    model = tiny_model()
+    calls, real = [], model.eps_hat
+
+    def counted(z_t, gamma_t, conditioning=None):
+        calls.append((z_t.shape[0], conditioning))
+        return real(z_t, gamma_t, conditioning)
+
+    monkeypatch.setattr(model, "eps_hat", counted)
+    for sampler in ("ancestral", "ddim", "dpmpp-2m", "dpmpp-3m"):
+        calls.clear()
+        sample_images(model, 3, sampler=sampler, steps=4, batch=2, conditioning=1.0)
+        assert sum(n for n, _ in calls) == 4 * 3
+        assert all(c is not None and torch.equal(c, torch.ones(n)) for n, c in calls)
+        assert model.eps_hat is counted
+
+
+def test_threads_sample_one_model_with_different_conditionings():
+    """No state on the model: threads sampling it at once, with conditionings 0 and 1, get what each gets
+    alone (one torch thread: a shared intra-op pool would round differently), and the model is as it was."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = tiny_model().eval()
+    with torch.no_grad():
+        for p in model.score_model.parameters():  # a network that reads its conditioning input
+            p.add_(torch.randn_like(p) * 0.05)
+
+    def draw(c):
+        return sample_images(model, 2, sampler="ddim", steps=6, conditioning=c)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = [draw(0.0), draw(1.0)]
+        with ThreadPoolExecutor(2) as pool:
+            together = list(pool.map(draw, [0.0, 1.0] * 3))
+    finally:
+        torch.set_num_threads(threads)
+    assert not torch.equal(*alone)
+    for k, x in enumerate(together):
+        assert torch.equal(x, alone[k % 2])
+    assert not model.training and all(p.requires_grad for p in model.parameters())
 
 
 def test_time_grid_checked():
@@ -176,7 +226,7 @@ def test_cli_sample_without_a_model_uses_the_packaged_sampling_model(tmp_path, m
 
 
 def test_cli_sample_default_is_20_calls_of_dpmpp_2m(tmp_path, model_file, monkeypatch):
-    import vdm.sampling as sampling
+    import vdm.sample_run as sampling
     seen = []
     real = sampling.sample_images
 
@@ -217,7 +267,7 @@ def test_cli_samplers_batch_independent(tmp_path, model_file, sampler, extra):
 
 
 def test_cli_sample_resumes_and_refuses_other_arguments(tmp_path, model_file, monkeypatch, capsys):
-    import vdm.sampling as sampling
+    import vdm.sample_run as sampling
 
     expected = run_sample(model_file, tmp_path / "ref.png", 4, "--batch", "2", "--sampler", "ancestral")
     real, calls, stop_at = sampling.sample_images, [], [2]

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from vdm.checkpoint import load_model
 from vdm.config import ConfigError, OptimConfig, TrainConfig, apply_overrides, build_config, load_preset, preset_names
-from vdm.train import NonFiniteLossError, TrainingError, train
+from vdm.train import NonFiniteLossError, TrainingError, loop, train
 from vdm.train.batches import BatchOrder, step_noise
 from vdm.train.ema import EMA
 from vdm.train.optim import decay_groups, lr_at
@@ -92,6 +92,33 @@ def assert_same(a: dict, b: dict, atol: float = 0.0) -> None:
             assert torch.equal(a[k], b[k]), k
         else:
             torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-4, msg=k)
+
+
+# `vdm train` in a child process whose steps take at least 0.3 s, so that a test can kill it mid-way
+SLOW_TRAIN = """
+import sys, time
+from vdm.cli import main
+from vdm.train.loop import _Trainer
+one_step = _Trainer._one_step
+def slow_step(self, window):
+    one_step(self, window)
+    time.sleep(0.3)
+_Trainer._one_step = slow_step
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def nonfinite_at(monkeypatch, steps: set[int]) -> None:
+    """Make the loss of the given optimiser steps NaN (their noise ε is NaN)."""
+    batch = loop._Trainer._batch
+
+    def bad_batch(self):
+        n, (x, t, eps_0, eps, conditioning) = batch(self)
+        if self.step in steps:
+            eps = torch.full_like(eps, float("nan"))
+        return n, (x, t, eps_0, eps, conditioning)
+
+    monkeypatch.setattr(loop._Trainer, "_batch", bad_batch)
 
 
 def sub_env() -> dict:
@@ -245,6 +272,10 @@ def test_run_writes_loadable_checkpoints_metrics_and_best(tiny, tmp_path):
     assert TrainConfig.from_dict(state["config"]) == tiny
     ts = load_file(str(ck / "train_state.safetensors"))
     assert ts["rng.cpu"].dtype == torch.uint8 and any(k.endswith("exp_avg_sq") for k in ts)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    modes = {str(f.relative_to(run)): oct(f.stat().st_mode & 0o777) for f in run.rglob("*") if f.is_file()}
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes  # every run file as the umask says (0644)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train_recs = [r for r in records if "bpd" in r]
     test_recs = [r for r in records if "test_bpd" in r]
@@ -267,9 +298,9 @@ def test_sigkill_then_resume_is_bitwise_identical(tiny, folder, tmp_path, device
     config_file.write_text(tiny_toml(folder, str(device)))
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vdm", "train", "--config", str(config_file), "--out", str(killed),
+        [sys.executable, "-c", SLOW_TRAIN, "train", "--config", str(config_file), "--out", str(killed),
          "--max-steps", str(steps)],
-        env={**sub_env(), "VDM_TEST_THROTTLE_S": "0.3"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        env=sub_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 120
         while not list((killed / "checkpoints").glob("step_*")):
@@ -333,10 +364,24 @@ def test_split_steps_equal_whole_batch_steps_and_are_reproducible(tiny, tmp_path
         torch.set_num_threads(threads)
 
 
+def test_training_bar_counts_to_a_total(tiny, tmp_path, capsys):
+    """The bar counts to the step limit, and under a time limit to the step the run is expected to reach."""
+    config = apply_overrides(tiny, ["run.progress=true", "run.checkpoint_every=100"])
+    train(config, tmp_path / "steps", max_steps=3)
+    assert "3/3 [" in capsys.readouterr().err
+    train(config, tmp_path / "minutes", max_steps=3, max_minutes=10)
+    assert "3/3 [" in capsys.readouterr().err
+    assert loop.bar_total(0, 0, 0.0, 10**7, 1.0) is None  # no rate yet
+    assert loop.bar_total(10, 5, 10.0, 10**7, 1.0) == 10 + 25  # 0.5 steps/s for the 50 s left
+    assert loop.bar_total(10, 5, 10.0, 20, 1.0) == 20  # the step limit comes first
+    assert loop.bar_total(10, 5, 70.0, 10**7, 1.0) == 10  # out of time
+    assert loop.bar_total(10, 5, 10.0, 50, None) == 50
+
+
 def test_nonfinite_steps_are_skipped_and_counted(tiny, tmp_path, monkeypatch):
-    monkeypatch.setenv("VDM_TEST_NONFINITE_STEPS", "2")
-    skipped = train(apply_overrides(tiny, ["run.checkpoint_every=100"]), tmp_path / "skip", max_steps=3)
-    monkeypatch.delenv("VDM_TEST_NONFINITE_STEPS")
+    with monkeypatch.context() as m:
+        nonfinite_at(m, {2})
+        skipped = train(apply_overrides(tiny, ["run.checkpoint_every=100"]), tmp_path / "skip", max_steps=3)
     plain = train(apply_overrides(tiny, ["run.checkpoint_every=100"]), tmp_path / "plain", max_steps=2)
     assert skipped["nonfinite_total"] == 1
     # step 2 was skipped entirely: the weights after 3 steps are those after 2
@@ -349,7 +394,7 @@ def test_nonfinite_steps_are_skipped_and_counted(tiny, tmp_path, monkeypatch):
 
 def test_too_many_nonfinite_losses_stop_the_run(tiny, tmp_path, monkeypatch):
     run = tmp_path / "nan"
-    monkeypatch.setenv("VDM_TEST_NONFINITE_STEPS", "5,6,7")
+    nonfinite_at(monkeypatch, {5, 6, 7})
     cfg = apply_overrides(tiny, ["run.max_nonfinite=3"])
     with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite"):
         train(cfg, run, max_steps=20)

@@ -8,13 +8,14 @@ A *model file* is one `.safetensors` file whose metadata holds {"format": "vdm-m
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 from safetensors import safe_open
 
 from vdm.files import atomic_write
@@ -126,3 +127,13 @@ def load_model(path: str | os.PathLike, *, prefer_ema: bool = True, map_location
     """Load a VDM, in eval mode, from a model file, checkpoint directory or run directory (see
     `resolve_model_path`)."""
     return load_model_file(resolve_model_path(path, prefer_ema), map_location)
+
+
+def model_fingerprint(model: VDM) -> bytes:
+    """32-byte SHA-256 of the safetensors serialisation of `model.state_dict()` followed by its config JSON:
+    the model's identity, equal for the same weights and config however the model was loaded (file,
+    checkpoint or run directory)."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    h = hashlib.sha256(save(tensors))
+    h.update(json.dumps(model.config.to_dict(), sort_keys=True).encode("utf-8"))
+    return h.digest()

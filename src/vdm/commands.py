@@ -268,7 +268,7 @@ def _register_sample(sub) -> None:
 
 
 def sample_settings(args) -> dict:
-    """The keyword arguments of `vdm.sampling.sample_images` for the command's options, checked."""
+    """The keyword arguments of `vdm.sample_run.sample_images` for the command's options, checked."""
     if args.num < 1 or args.batch < 1 or (args.image_size is not None and args.image_size < 1):
         raise InputError("-n, --batch and --image-size must be positive")
     settings = dict(sampler=args.sampler, seed=args.seed, image_size=args.image_size,
@@ -293,7 +293,7 @@ def sample_settings(args) -> dict:
 
 
 def cmd_sample(args) -> int:
-    from vdm.sampling import ResumeError, sample_to_files
+    from vdm.sample_run import ResumeError, sample_to_files
 
     out = Path(args.out)
     if out.suffix.lower() != ".png":

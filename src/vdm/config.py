@@ -141,13 +141,13 @@ SECTIONS = {"model": VDMConfig, "optim": OptimConfig, "data": DataConfig, "run":
 
 
 
-LEGACY_TEST_HOOKS = ("inject_nonfinite", "throttle_s")  # were run.* fields; now environment variables (loop.py)
+LEGACY_TEST_HOOKS = ("inject_nonfinite", "throttle_s")  # run.* keys of older configs that set no training value
 
 
 def upgrade_legacy(d: dict) -> dict:
-    """`d` with keys of older configs renamed: run.bf16 = true/false became run.precision = "bf16"/"fp32";
-    such runs used direct convolutions (run.conv_algorithm = "direct"). The test hooks that older configs
-    recorded (run.inject_nonfinite, run.throttle_s) are dropped."""
+    """`d` in the current keys, so that the config.json of a run made by an older vdm still loads and resumes:
+    run.bf16 = true/false is run.precision = "bf16"/"fp32" with run.conv_algorithm = "direct" (the
+    convolutions such runs computed with); the test-only keys `LEGACY_TEST_HOOKS` are dropped."""
     run = d.get("run") if isinstance(d, dict) else None
     if not isinstance(run, dict) or not ({"bf16", *LEGACY_TEST_HOOKS} & set(run)):
         return d

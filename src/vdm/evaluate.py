@@ -18,10 +18,12 @@ import torch
 from torch import Tensor
 
 from vdm import losses, process
+from vdm.likelihood import ode_log_likelihood
 from vdm.losses import bits_per_dim
 from vdm.model import VDM
 from vdm.precision import autocast
-from vdm.sampling import ode_log_likelihood, seeded_generator
+from vdm.progress import progress_bar
+from vdm.seeding import seeded_generator
 
 COMPONENTS = ("prior", "recon", "diff")
 
@@ -67,8 +69,10 @@ def image_losses(model: VDM, data: np.ndarray | Tensor, *, steps: int = 0, time_
     training uses that). `data` holds integer images (N, C, H, W). `batch_size` counts network evaluations
     (image × draw) per forward pass. `precision` "fp32" or "bf16" (autocast; see `vdm.precision`).
     `conditioning` is the network's conditioning input (0: un-augmented images of an augmentation-conditioned
-    model, and every other model). `gammas` (T + 1 log-SNR parameters from γ(0) to γ(1), e.g. a codec chain's
-    `vdm.codec.chain.chain_gammas`) replaces the diffusion term by that T-step chain's (`steps` is then ignored).
+    model, and every other model). `gammas` (T + 1 increasing log-SNR parameters from γ(0) to γ(1), e.g. a codec
+    chain's `vdm.codec.chain.chain_gammas`) measures the T-step chain with those γ instead of the model's own
+    loss (`chain_loss`; `steps` is then ignored): with `time_samples` = T, the negative ELBO that bits-back
+    coding along that chain achieves.
     """
     if steps < 0 or time_samples < 1 or batch_size < 1:
         raise ValueError("steps must be ≥ 0, time_samples and batch_size ≥ 1")
@@ -79,7 +83,7 @@ def image_losses(model: VDM, data: np.ndarray | Tensor, *, steps: int = 0, time_
     out = np.zeros((N, len(COMPONENTS)), dtype=np.float64)
     per_pass = max(1, batch_size // K)  # images per chunk; a chunk's N·K rows are split into batches
     grid = None if gammas is None else torch.as_tensor(np.asarray(gammas, dtype=np.float64))
-    bar = _progress(N, progress)
+    bar = progress_bar(progress, desc="evaluating", unit="img", total=N)
     with evaluation_mode(model, steps), autocast(precision, model.device):
         for start in range(0, N, per_pass):
             idx = range(start, min(start + per_pass, N))
@@ -98,16 +102,38 @@ def image_losses(model: VDM, data: np.ndarray | Tensor, *, steps: int = 0, time_
 
 def _loss_terms(model: VDM, x: Tensor, t: Tensor, eps: Tensor, eps_0: Tensor, batch_size: int,
                 conditioning: float = 0.0, gammas: Tensor | None = None) -> Tensor:
-    """model.loss on rows of (x, t, ε, ε₀) in batches of `batch_size`: (rows, 3) float64 nats on the CPU."""
+    """model.loss (or `chain_loss` with `gammas`) on rows of (x, t, ε, ε₀) in batches of `batch_size`:
+    (rows, 3) float64 nats on the CPU."""
     dev = model.device
     rows = []
     for b in range(0, x.shape[0], batch_size):
         sl = slice(b, b + batch_size)
+        args = (x[sl].to(dev), t[sl].to(dev), eps[sl].to(dev), eps_0[sl].to(dev))
         cond = torch.full((len(x[sl]),), float(conditioning), device=dev, dtype=model.dtype)
-        out = model.loss(x[sl].to(dev), t[sl].to(dev), eps[sl].to(dev), eps_0[sl].to(dev), conditioning=cond,
-                         gammas=gammas)
+        out = model.loss(*args, conditioning=cond) if gammas is None else chain_loss(model, *args, gammas, cond)
         rows.append(torch.stack([out[c].double() for c in COMPONENTS], dim=1).cpu())
     return torch.cat(rows)
+
+
+def chain_loss(model: VDM, x: Tensor, t: Tensor, eps: Tensor, eps_0: Tensor, gammas: Tensor,
+               conditioning: Tensor | None = None) -> dict[str, Tensor]:
+    """`VDM.loss`'s terms {"prior", "recon", "diff"} (B,) in nats for the T-step chain whose log-SNR parameters
+    are `gammas` (T + 1 increasing values from γ(0) to γ(1)) instead of the model's γ(i/T).
+
+    Time t falls in step i = ⌈t·T⌉ (t = 0 in step 1), whose diffusion term is a one-sample estimate of
+    T·KL(q(z_{i−1} | z_i, x) ‖ p(z_{i−1} | z_i)) (`losses.diffusion_loss_discrete`); stratified times that fall
+    once in every step give the chain's negative ELBO. No gradient reaches `gammas`."""
+    f = model.encode(x)
+    g0, g1 = model.gamma.endpoints()
+    gammas = gammas.to(device=f.device, dtype=f.dtype)
+    T = len(gammas) - 1
+    i = torch.ceil(t * T).clamp_min(1).long()
+    gamma_t, gamma_s = gammas[i], gammas[i - 1]
+    z_t = process.sample_z_t(f, gamma_t[:, None, None, None], eps.to(f.dtype))
+    eps_hat = model.eps_hat(z_t, gamma_t, conditioning)
+    return {"prior": losses.prior_kl(f, g1),
+            "recon": losses.reconstruction_loss(x, g0, eps_0.to(f.dtype), model.config.vocab_size),
+            "diff": losses.diffusion_loss_discrete(gamma_s, gamma_t, T, eps.to(f.dtype), eps_hat)}
 
 
 @torch.no_grad()
@@ -125,7 +151,7 @@ def diffusion_integrand(model: VDM, data: np.ndarray | Tensor, times: Sequence[f
     eps_all = torch.randn(data.shape, generator=g)
     D = model.num_dims(data)
     out = np.zeros(len(times), dtype=np.float64)
-    bar = _progress(len(times) * data.shape[0], progress, "integrand")
+    bar = progress_bar(progress, desc="integrand", unit="img", total=len(times) * data.shape[0])
     with evaluation_mode(model, 0):
         for k, t in enumerate(times):
             total = 0.0
@@ -183,29 +209,14 @@ def format_result(r: dict) -> str:
             f"diff {r['diff']:.4f}) on {r['count']} images, {when}, {r['time_samples']} time sample(s) each")
 
 
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, enabled: bool, desc: str = "evaluating"):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit="img")
-
-
 # --- the probability-flow ODE bound -------------------------------------------------------------------------
 ODE_COMPONENTS = ("ode", "recon", "log_q")
 
 
 @torch.no_grad()
 def ode_image_terms(model: VDM, data: np.ndarray | Tensor, *, rtol: float = 1e-5, atol: float = 1e-5,
-                    hutchinson: int | None = 1, batch_size: int = 64, seed: int = 0,
-                    progress: bool = True) -> tuple[np.ndarray, list[int]]:
+                    hutchinson: int | None = 1, batch_size: int = 64, seed: int = 0, progress: bool = True,
+                    conditioning: float = 0.0) -> tuple[np.ndarray, list[int]]:
     """Per-image terms of the probability-flow bound on −log p(x), in bits per dimension: (N, 3) float64
     with columns −log p_ODE(z_0), −log p(x | z_0), log q(z_0 | x) (`ODE_COMPONENTS`), and the number of
     ODE function evaluations of each batch.
@@ -215,11 +226,12 @@ def ode_image_terms(model: VDM, data: np.ndarray | Tensor, *, rtol: float = 1e-5
     where p(x) = ∫ p(x | z_0) p_ODE(z_0) dz_0 is the model with the probability flow in place of the
     diffusion (Song et al. 2021, section 4.3; Kingma et al. 2021, appendix). log p_ODE uses `hutchinson` = K
     Rademacher probes per image (from the generator of (seed, i, 1)), or the exact trace when None.
+    `conditioning` is the network's conditioning input, as for `image_losses`.
     """
     data = torch.as_tensor(np.asarray(data)) if not isinstance(data, Tensor) else data
     N, shape, D = data.shape[0], tuple(data.shape[1:]), data[0].numel()
     out, calls = np.zeros((N, len(ODE_COMPONENTS)), dtype=np.float64), []
-    bar = _progress(N, progress, "ODE bound")
+    bar = progress_bar(progress, desc="ODE bound", unit="img", total=N)
     g0 = model.gamma(torch.tensor(0.0, dtype=model.dtype, device=model.device))
     alpha_0, sigma_0 = process.alpha_sigma(g0)
     for start in range(0, N, batch_size):
@@ -232,7 +244,9 @@ def ode_image_terms(model: VDM, data: np.ndarray | Tensor, *, rtol: float = 1e-5
             probes = torch.stack([torch.randint(0, 2, (hutchinson, *shape), generator=g) for g in gens], 1)
             probes = (2 * probes - 1).to(model.device, model.dtype)  # (K, B, C, H, W) of ±1
         z_0 = alpha_0 * model.encode(x) + sigma_0 * eps_0
-        log_p, n = ode_log_likelihood(model, z_0, probes=probes, rtol=rtol, atol=atol, progress=progress)
+        cond = torch.full((len(idx),), float(conditioning), dtype=model.dtype, device=model.device)
+        log_p, n = ode_log_likelihood(model, z_0, conditioning=cond, probes=probes, rtol=rtol, atol=atol,
+                                      progress=progress)
         recon = losses.reconstruction_loss(x, g0, eps_0, model.config.vocab_size)
         log_q = -0.5 * eps_0.flatten(1).square().sum(1) - D * (torch.log(sigma_0) + 0.5 * math.log(2 * math.pi))
         terms = torch.stack([-log_p, recon, log_q], 1).double()

@@ -159,25 +159,3 @@ def _flatten(tree: dict, prefix: str, path: Path) -> dict[str, np.ndarray]:
             raise FlaxCheckpointError(f"{path}: not a VDM parameter tree: {name} is {type(value).__name__}, "
                                       f"not an array")
     return out
-
-
-# --- writing the same format (synthetic official-format files for tests and benchmarks) ---------------------
-def nest(flat: dict[str, np.ndarray]) -> dict:
-    """The nested parameter tree of '/'-joined paths (the inverse of `read_parameters`' flattening; a leading
-    `params/` is dropped, as in the official files)."""
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        *parents, leaf = path.removeprefix("params/").split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
-
-
-def pack_array(obj):
-    """msgpack `default` hook writing a numpy array as flax does: extension type 1 holding
-    [shape, dtype name, raw bytes]."""
-    if isinstance(obj, np.ndarray):
-        return msgpack.ExtType(EXT_NDARRAY, msgpack.packb([list(obj.shape), obj.dtype.name, obj.tobytes()]))
-    raise TypeError(f"cannot write {type(obj).__name__} into a flax checkpoint")

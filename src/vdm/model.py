@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from vdm import losses, process
 from vdm.nets.unet import ScoreUNet
+from vdm.samplers import ancestral_sample, prior_latent
 from vdm.schedule import SCHEDULE_KINDS, make_schedule
 
 
@@ -126,15 +127,13 @@ class VDM(nn.Module):
         return torch.rand(batch, generator=generator, device=self.device, dtype=self.dtype)
 
     def loss(self, x: Tensor, t: Tensor | None = None, eps: Tensor | None = None, eps_0: Tensor | None = None,
-             *, conditioning: Tensor | None = None, generator: torch.Generator | None = None,
-             gammas: Tensor | None = None) -> dict[str, Tensor]:
+             *, conditioning: Tensor | None = None, generator: torch.Generator | None = None
+             ) -> dict[str, Tensor]:
         """Negative VLB per example for integer images `x` (B, C, H, W).
 
         Returns a dict of (B,) tensors: "prior", "recon", "diff" (nats), "bpd" (bits per dimension of their
         sum) and "t" (the times used, after rounding up to the grid when `config.timesteps` = T > 0).
         `t` (B,), `eps` and `eps_0` (shaped like `x`) may be given; otherwise they are drawn (with `generator`).
-        `gammas` (T + 1 increasing values from γ(0) to γ(1)) gives the diffusion term of the T-step chain with
-        those log-SNR parameters instead (step i = ⌈t·T⌉, as the codec's spaced chains; no gradient to γ(t)).
         """
         _check_images(x, self.config)
         B = x.shape[0]
@@ -155,21 +154,14 @@ class VDM(nn.Module):
         # 2·L_diff per example, filled in below and read by the hook at backward time (a tensor written in
         # place rather than a dict entry, so that torch.compile can trace the hook without a graph break)
         hook = None
-        if self.config.variance_minimisation and T == 0 and gammas is None and torch.is_grad_enabled():
+        if self.config.variance_minimisation and T == 0 and torch.is_grad_enabled():
             scale = torch.empty(B, device=f.device, dtype=f.dtype)
             hook = lambda grad: grad * scale  # noqa: E731
-        if gammas is not None:  # the T-step chain with these γ: step i = ⌈t·T⌉
-            gammas = gammas.to(device=f.device, dtype=f.dtype)
-            T = len(gammas) - 1
-            i = torch.ceil(t * T).clamp_min(1).long()
-            t = i.to(f.dtype) / T
-            gamma_t, gamma_s = gammas[i], gammas[i - 1]
-        else:
-            if T > 0:
-                t = losses.discretise_time(t, T)
-            gamma_t, dgamma_t = self.gamma.gamma_and_derivative(t, shape_grad_hook=hook)
-            if T > 0:
-                gamma_s = self.gamma(t - 1.0 / T)
+        if T > 0:
+            t = losses.discretise_time(t, T)
+        gamma_t, dgamma_t = self.gamma.gamma_and_derivative(t, shape_grad_hook=hook)
+        if T > 0:
+            gamma_s = self.gamma(t - 1.0 / T)
         z_t = process.sample_z_t(f, gamma_t[:, None, None, None], eps)
         eps_hat = self.eps_hat(z_t, gamma_t, conditioning)
         if T > 0:
@@ -202,10 +194,8 @@ class VDM(nn.Module):
                image_size: int | tuple[int, int] | None = None, progress: bool = False) -> Tensor:
         """Draw `n` images with `steps` ancestral steps from z_1 ~ N(0, I); uint8 (n, C, H, W) when V ≤ 256.
 
-        A method form of `vdm.sampling.ancestral_sample` (same noise order, so the same images for a seed).
+        A method form of `vdm.samplers.ancestral_sample` (same noise order, so the same images for a seed).
         """
-        from vdm.sampling import ancestral_sample, prior_latent  # vdm.sampling imports this module
-
         z_1 = prior_latent(self, n, image_size=image_size, generator=generator)
         return ancestral_sample(self, z_1, steps, generator=generator, progress=progress)
 

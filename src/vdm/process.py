@@ -22,17 +22,6 @@ def alpha_sigma(gamma: Tensor) -> tuple[Tensor, Tensor]:
     return torch.sigmoid(-gamma).sqrt(), torch.sigmoid(gamma).sqrt()
 
 
-def snr(gamma: Tensor) -> Tensor:
-    """Signal-to-noise ratio α²/σ² = exp(−γ)."""
-    return torch.exp(-gamma)
-
-
-def q_t_given_x(f: Tensor, gamma_t: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean and standard deviation of q(z_t | x) = N(α_t f, σ_t² I)."""
-    alpha_t, sigma_t = alpha_sigma(gamma_t)
-    return alpha_t * f, sigma_t
-
-
 def sample_z_t(f: Tensor, gamma_t: Tensor, eps: Tensor) -> Tensor:
     """z_t = α_t f + σ_t ε (reparameterised draw from q(z_t | x))."""
     alpha_t, sigma_t = alpha_sigma(gamma_t)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vdm.checkpoint import CheckpointError, load_model
+from vdm.checkpoint import CheckpointError, load_model, model_fingerprint
 
 PRETRAINED_DIR = Path(__file__).resolve().parent
 DEFAULT_MODEL = "compress.safetensors"
@@ -47,8 +47,6 @@ def packaged_models() -> list[Path]:
 def load_packaged_model(fingerprint: bytes, map_location="cpu"):
     """The packaged model whose fingerprint starts with `fingerprint` (a file's record of its model);
     `PretrainedMissingError` naming the fingerprint when none has it."""
-    from vdm.codec.fingerprint import model_fingerprint
-
     for path in packaged_models():
         model = load_model(path, map_location=map_location)
         if model_fingerprint(model).startswith(bytes(fingerprint)):

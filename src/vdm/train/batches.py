@@ -12,20 +12,14 @@ with batch B/k each.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from vdm import losses
+from vdm.seeding import derive_seed
 
 # Stream tags, so the seeds of different uses never collide.
 _DATA, _NOISE, _DROPOUT, _INIT, _AUGMENT, _CROP, _DROPOUT_PART = 1, 2, 3, 4, 5, 6, 7
-
-
-def derive_seed(*words: int) -> int:
-    """A 63-bit seed from integers (via numpy's SeedSequence: well mixed, platform independent)."""
-    state = np.random.SeedSequence([int(w) for w in words]).generate_state(2, dtype=np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
 
 
 def init_seed(seed: int) -> int:

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vdm.train.batches import _CROP, derive_seed
+from vdm.seeding import derive_seed
+from vdm.train.batches import _CROP
 
 
 def batch_for_size(batch_size: int, base: int, size: int, world_size: int = 1) -> int:

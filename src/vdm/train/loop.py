@@ -9,7 +9,6 @@ and DistributedDataParallel averages the gradients; rank 0 alone writes checkpoi
 from __future__ import annotations
 
 import math
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from vdm.model import VDM
 from vdm.nets.unet import dropout_generator
 from vdm.nets.winograd import use_winograd
 from vdm.precision import autocast, resolve_conv_algorithm, resolve_precision
+from vdm.progress import progress_bar
 from vdm.train import distributed, state
 from vdm.train.augment import augment
 from vdm.train.batches import (BatchOrder, augment_generator, dropout_seed, init_seed, part_dropout_seed,
@@ -39,22 +39,6 @@ from vdm.train.testset import TestSubset, fixed_subset
 # run.* fields that may differ when a run is resumed (they do not change what a step computes)
 RESUMABLE_RUN_FIELDS = {"max_steps", "log_every", "eval_every", "eval_batch_size", "checkpoint_every",
                         "keep_last", "max_nonfinite", "device", "progress", "tensorboard", "compile"}
-
-
-@dataclass(frozen=True)
-class TestHooks:
-    """Hooks for the test suite, read from the environment, never part of a run's config:
-    VDM_TEST_NONFINITE_STEPS="2,5" replaces the loss of those steps by NaN; VDM_TEST_THROTTLE_S=0.3 sleeps that
-    long after each step (so that a test can kill a run mid-way)."""
-
-    nonfinite_steps: frozenset[int] = frozenset()
-    throttle_s: float = 0.0
-
-    @classmethod
-    def from_env(cls) -> "TestHooks":
-        steps = os.environ.get("VDM_TEST_NONFINITE_STEPS", "")
-        return cls(frozenset(int(s) for s in steps.split(",") if s.strip()),
-                   float(os.environ.get("VDM_TEST_THROTTLE_S", "0") or 0))
 
 
 class TrainingError(RuntimeError):
@@ -132,7 +116,6 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, max_st
 class _Trainer:
     def __init__(self, config: TrainConfig, out_dir: Path, d: distributed.Dist, resume: bool):
         self.config, self.out_dir, self.d = config, out_dir, d
-        self.hooks = TestHooks.from_env()
         run = config.run
         if run.batch_size % d.world_size:
             raise TrainingError(f"run.batch_size={run.batch_size} must be divisible by the number of "
@@ -239,18 +222,17 @@ class _Trainer:
     # --- the loop ---------------------------------------------------------------------------------------------
     def run(self, max_steps: int, max_minutes: float | None) -> dict:
         run, d = self.config.run, self.d
-        session_start = time.perf_counter()
-        # with a time limit the step limit is usually not what ends the run: no step total, no misleading ETA
-        bar = self._progress_bar(None if max_minutes is not None else max_steps)
+        session_start, first_step = time.perf_counter(), self.step
+        bar = progress_bar(d.is_main and run.progress, desc="training", unit="step", initial=self.step,
+                           total=bar_total(self.step, 0, 0.0, max_steps, max_minutes), dynamic_ncols=True)
         window, stopped, last_ckpt = Window(), "max_steps", None
         try:
             while self.step < max_steps:
                 self._one_step(window)
                 self.step += 1
-                if self.hooks.throttle_s:
-                    time.sleep(self.hooks.throttle_s)
-                if bar is not None:
-                    bar.update(1)
+                bar.total = bar_total(self.step, self.step - first_step, time.perf_counter() - session_start,
+                                      max_steps, max_minutes)
+                bar.update(1)
                 if self.step % run.log_every == 0 or self.step == max_steps:
                     self._log_window(window, bar)
                     window = Window()
@@ -263,8 +245,7 @@ class _Trainer:
                 elif run.eval_every and self.step % run.eval_every == 0:
                     self._evaluate()
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
             self._release_pool()
         if window.good or window.skipped:
             self._log_window(window, None)
@@ -277,12 +258,6 @@ class _Trainer:
                 "test_bpd": self._last_test, "test_images": len(self.test.x) if self.test else 0,
                 "best_checkpoint": c.best_checkpoint,
                 "nonfinite_total": c.nonfinite_total, "stopped": stopped}
-
-    def _progress_bar(self, total: int | None):
-        if not (self.d.is_main and self.config.run.progress):
-            return None
-        from tqdm.auto import tqdm
-        return tqdm(total=total, initial=self.step, desc="training", unit="step", dynamic_ncols=True)
 
     def _batch(self) -> tuple[int, tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]:
         """(global batch size, this process's slice of global batch `self.step`: (x, t, ε₀, ε, conditioning) on
@@ -315,8 +290,6 @@ class _Trainer:
                 nats = self.forward(x, t, eps, eps_0, conditioning)  # (B, 3)
             terms = bits_per_dim(nats.float(), self.model.num_dims(x)).mean(0)  # (3,) bpd
         loss = terms.sum()
-        if self.step in self.hooks.nonfinite_steps:
-            loss = loss * float("nan")
         mean_terms = distributed.all_mean(d, torch.cat([terms.detach(), loss.detach()[None]]))
         grad_norm = math.nan
         if torch.isfinite(mean_terms).all():
@@ -436,9 +409,22 @@ class _Trainer:
         return path if self.d.is_main else Path(self.out_dir) / "checkpoints" / state.checkpoint_name(self.step)
 
 
+def bar_total(step: int, session_steps: int, elapsed_s: float, max_steps: int, max_minutes: float | None
+              ) -> int | None:
+    """The training bar's total at `step`: `max_steps`, or under a time limit the step the run is expected to
+    stop at, `session_steps` in `elapsed_s` seconds extrapolated to `max_minutes` (at most `max_steps`; None
+    before the first step has given a rate), so that the bar's remaining time is the run's."""
+    if max_minutes is None:
+        return max_steps
+    if session_steps < 1 or elapsed_s <= 0:
+        return None
+    projected = step + session_steps / elapsed_s * max(0.0, 60 * max_minutes - elapsed_s)
+    return min(max_steps, max(step, round(projected)))
+
+
 def _check_same_run(saved: dict, current: dict, ckpt: Path) -> None:
     """Refuse to resume with settings that change what a step computes (model, optimiser, data, seed, batch)."""
-    saved = upgrade_legacy(saved)  # checkpoints written before run.bf16 became run.precision
+    saved = upgrade_legacy(saved)  # compared in today's keys (see upgrade_legacy)
     diffs = []
     for section in ("model", "optim", "data", "run"):
         a, b = saved.get(section, {}), current.get(section, {})

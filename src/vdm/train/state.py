@@ -96,8 +96,9 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: VDM, ema: EMA,
     save_model(model, tmp / "model.safetensors")
     save_model(model, tmp / "ema.safetensors", state_dict=ema.state_dict())
     tensors, optim_meta = optimizer_tensors(optimizer)
-    save_file({**tensors, **rng_tensors()}, str(tmp / "train_state.safetensors"),
-              metadata={"format": "vdm-train-state", "version": str(STATE_VERSION)})
+    tensors.update(rng_tensors())
+    meta = {"format": "vdm-train-state", "version": str(STATE_VERSION)}
+    atomic_write(tmp / "train_state.safetensors", lambda path: save_file(tensors, path, metadata=meta))
     state = {"version": STATE_VERSION, "step": step, **counters, "optimizer": optim_meta,
              "config": config.to_dict()}
     (tmp / "state.json").write_text(json.dumps(state, indent=1, sort_keys=True), encoding="utf-8")

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from vdm.evaluate import image_losses
 from vdm.model import VDM
-from vdm.train.batches import derive_seed
+from vdm.seeding import derive_seed
 
 _TEST = 5  # stream tag of the test noise
 
