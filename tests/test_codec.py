@@ -34,7 +34,7 @@ FAST = CodingParams(steps=2, grid_bits=2, tile=8, warmup=4, batch=4, threads=1)
 
 
 def model_fp(model) -> bytes:
-    from vdm.codec.fingerprint import model_fingerprint
+    from vdm.checkpoint import model_fingerprint
     return model_fingerprint(model)[:container.FINGERPRINT_BYTES]
 
 

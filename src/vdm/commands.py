@@ -215,7 +215,8 @@ def _ode_bound(model, x, args) -> dict:
 
     probes = None if args.exact_trace else args.hutchinson
     terms, calls = ode_image_terms(model, x, rtol=args.rtol, atol=args.atol, hutchinson=probes,
-                                   batch_size=args.batch_size, seed=args.seed, progress=True)
+                                   batch_size=args.batch_size, seed=args.seed, progress=True,
+                                   conditioning=args.conditioning)
     return summarise_ode(terms, calls, hutchinson=probes, rtol=args.rtol, atol=args.atol)
 
 

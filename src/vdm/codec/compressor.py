@@ -23,12 +23,13 @@ import constriction
 import numpy as np
 import torch
 
+from vdm.checkpoint import model_fingerprint
 from vdm.codec import bitsback, tiling
 from vdm.codec.chain import Chain, chain_gammas, make_chain
 from vdm.codec.container import (FINGERPRINT_BYTES, MODES, SPACING_SNR, VERSION, CodecFormatError, CodingParams,
                                  Container, ImageInfo, coding_key, pack, read_header)
-from vdm.codec.fingerprint import model_fingerprint
 from vdm.codec.intnet import CodingNetwork, exact_arithmetic
+from vdm.progress import progress_bar
 
 
 class ModelMismatchError(ValueError):
@@ -315,8 +316,7 @@ def _layout(chw: np.ndarray, mode: int) -> np.ndarray:
 
 
 def _bar(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit="px", unit_scale=True, disable=not enabled)
+    return progress_bar(enabled, desc=desc, unit="px", total=total, unit_scale=True)
 
 
 def rate_bits_per_subpixel(data: bytes, images: Sequence[np.ndarray]) -> float:
