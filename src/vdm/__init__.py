@@ -14,6 +14,7 @@ _EXPORTS = {
     "VDMConfig": "vdm.model",
     "load_model": "vdm.checkpoint",  # a model file, checkpoint or run directory → VDM (eval mode)
     "save_model": "vdm.checkpoint",
+    "save_pretrained": "vdm.checkpoint",  # a folder of config.json + model.safetensors (a model repository's layout)
     "convert_checkpoint": "vdm.convert",  # an official checkpoint file → VDM
     "compress_images": "vdm.codec",  # lossless bits-back compression
     "decompress_images": "vdm.codec",

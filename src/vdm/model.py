@@ -78,20 +78,6 @@ class VDM(nn.Module):
         self.score_model = ScoreUNet(config.channels, config.n_embd, config.n_layer, config.dropout,
                                      config.attention, config.fourier_exponents)
 
-    # --- files --------------------------------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(cls, path, *, map_location="cpu") -> "VDM":
-        """A model, in eval mode, from a folder written by `save_pretrained` (config.json + model.safetensors),
-        a model file, a training checkpoint or a run directory (see `vdm.checkpoint.load_model`)."""
-        from vdm.checkpoint import load_model
-        return load_model(path, map_location=map_location)
-
-    def save_pretrained(self, folder) -> None:
-        """Write `folder/model.safetensors` (a vdm model file: weights and config) and `folder/config.json` (the
-        config, for reading without torch): the layout of a model repository on the Hugging Face Hub."""
-        from vdm.checkpoint import save_pretrained
-        save_pretrained(self, folder)
-
     # --- pieces -------------------------------------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:

@@ -194,8 +194,8 @@ def _float64(p: Tensor) -> np.ndarray:
 
 
 def _fold_stored_endpoints(state: dict, prefix: str) -> None:
-    """Load a state that stores the endpoints apart (`gamma_0`, `gamma_1`, model files of vdm 0.1's first
-    schedule layout, with γ = γ₀ + (γ₁ − γ₀)·(g − g(0))/(g(1) − g(0))) into this one. That γ is the affine map
+    """Load a state that stores the endpoints apart (`gamma_0`, `gamma_1`, with
+    γ = γ₀ + (γ₁ − γ₀)·(g − g(0))/(g(1) − g(0))) into this parametrisation. That γ is the affine map
     a·g + c of the network, a = (γ₁ − γ₀)/(g(1) − g(0)) > 0, c = γ₀ − a·g(0): fold it into l1 and l3."""
     p = {k: state[prefix + k].detach().to(torch.float64) for k in
          ("gamma_0", "gamma_1", "l1_weight", "l1_bias", "l2_weight", "l2_bias", "l3_weight")}
