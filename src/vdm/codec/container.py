@@ -5,7 +5,7 @@ Layout (integers are unsigned LEB128 varints unless a size is given; multi-byte 
 
     magic        4 bytes  b"VDMC"
     version      1 byte   the format version: a key of `FORMATS`, whose entry says what differs between them
-    fingerprint 16 bytes  first 16 bytes of the model's SHA-256 fingerprint (`fingerprint.py`)
+    fingerprint 16 bytes  first 16 bytes of the model's SHA-256 fingerprint (`checkpoint.model_fingerprint`)
     steps, grid_bits, tile, warmup, batch, threads, seed_words   7 varints (the coding parameters; seed_words:
                  the number of initial words of the ANS stack)
     conditioning 8 bytes  float64, the network's conditioning input (0 unless the model was trained with
