@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -32,8 +32,30 @@ from vdm import process
 from vdm.choices import GRIDS, SAMPLER_NAMES
 from vdm.progress import progress_bar
 
-if TYPE_CHECKING:  # vdm.model imports this module (VDM.sample)
-    from vdm.model import VDM
+
+
+class DiffusionModel(Protocol):
+    """What the samplers use of a model (`vdm.model.VDM` is one; this module does not import it, since the
+    model's own `sample` method calls these functions)."""
+
+    config: Any  # channels, image_size, vocab_size
+    gamma: Callable[[Tensor], Tensor]  # the schedule γ(t)
+    training: bool
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    def eps_hat(self, z_t: Tensor, gamma_t: Tensor, conditioning: Tensor | None = None) -> Tensor: ...
+
+    def decode(self, z_0: Tensor) -> Tensor: ...
+
+    def train(self, mode: bool = True) -> Any: ...
+
+    def eval(self) -> Any: ...
+
 
 Generator = torch.Generator | Sequence[torch.Generator] | None
 
@@ -48,7 +70,7 @@ def randn(shape: Sequence[int], generator: Generator = None, *, dtype=None, devi
     return torch.stack([torch.randn(tuple(shape[1:]), generator=g, dtype=dtype, device=device) for g in generator])
 
 
-def prior_latent(model: VDM, n: int, *, image_size: int | tuple[int, int] | None = None,
+def prior_latent(model: DiffusionModel, n: int, *, image_size: int | tuple[int, int] | None = None,
                  generator: Generator = None) -> Tensor:
     """z_1 ~ N(0, I) of shape (n, C, H, W) in the model's dtype and device (H = W = config.image_size)."""
     size = image_size or model.config.image_size
@@ -65,7 +87,7 @@ def uniform_times(steps: int) -> list[float]:
 
 
 @torch.no_grad()
-def lambda_times(model: VDM, steps: int) -> list[float]:
+def lambda_times(model: DiffusionModel, steps: int) -> list[float]:
     """Times 1 = t_0 > … > t_K = 0 with λ(t_i) = −γ(t_i)/2 uniform between λ(1) and λ(0).
 
     γ is strictly increasing for every schedule, so t(λ) is found by bisection (`times_at_gammas`); the ends
@@ -82,7 +104,7 @@ def lambda_times(model: VDM, steps: int) -> list[float]:
 
 
 @torch.no_grad()
-def times_at_gammas(model: VDM, target: Tensor) -> list[float]:
+def times_at_gammas(model: DiffusionModel, target: Tensor) -> list[float]:
     """The times t_i with γ(t_i) = target_i, for a decreasing `target` from γ(1) to γ(0): bisection on the
     strictly increasing γ (40 halvings, below float32 resolution); the ends are exactly 1 and 0."""
     target = target.to(dtype=model.dtype, device=model.device)
@@ -94,7 +116,7 @@ def times_at_gammas(model: VDM, target: Tensor) -> list[float]:
     return [1.0] + [float(t) for t in 0.5 * (lo + hi)[1:-1]] + [0.0]
 
 
-def time_grid(model: VDM, steps: int, grid: str = "t") -> list[float]:
+def time_grid(model: DiffusionModel, steps: int, grid: str = "t") -> list[float]:
     """`steps` + 1 times from 1 to 0, uniform in t (`grid` = "t") or in λ ("lambda")."""
     if grid == "t":
         return uniform_times(steps)
@@ -110,13 +132,13 @@ def _check_times(times: Sequence[float]) -> list[float]:
     return times
 
 
-def gammas_at(model: VDM, times: Sequence[float], like: Tensor) -> Tensor:
+def gammas_at(model: DiffusionModel, times: Sequence[float], like: Tensor) -> Tensor:
     """γ at each of `times` (len(times),), in `like`'s dtype and device (γ evaluated one time at a time, as
     `VDM.sample_step` does, so the samplers and the model's own step agree bit for bit)."""
     return torch.stack([model.gamma(torch.tensor(t, dtype=like.dtype, device=like.device)) for t in times])
 
 
-def _steps(model: VDM, z: Tensor, times: Sequence[float], progress: bool) -> Iterator[tuple[Tensor, Tensor]]:
+def _steps(model: DiffusionModel, z: Tensor, times: Sequence[float], progress: bool) -> Iterator[tuple[Tensor, Tensor]]:
     """(γ_t, γ_s) for consecutive times t > s of the grid (checked), with a progress bar when asked."""
     gammas = gammas_at(model, _check_times(times), z)
     bar = progress_bar(progress, desc="sampling", unit="step", total=len(gammas) - 1, leave=False)
@@ -129,7 +151,7 @@ def _steps(model: VDM, z: Tensor, times: Sequence[float], progress: bool) -> Ite
 
 
 # --- the samplers: (model, z_1, times, *, conditioning, generator, progress, ...) → z_0 -----------------------
-def ancestral(model: VDM, z_1: Tensor, times: Sequence[float], *, conditioning: Tensor | None = None,
+def ancestral(model: DiffusionModel, z_1: Tensor, times: Sequence[float], *, conditioning: Tensor | None = None,
               generator: Generator = None, progress: bool = False) -> Tensor:
     """Ancestral sampling: for consecutive t > s draw z_s ~ p(z_s | z_t) = q(z_s | z_t, x = x̂(z_t; t))
     (paper, section 3.2; `process.ancestral_step`, the official update). One network call a step."""
@@ -140,7 +162,7 @@ def ancestral(model: VDM, z_1: Tensor, times: Sequence[float], *, conditioning: 
     return z
 
 
-def ddim(model: VDM, z_1: Tensor, times: Sequence[float], *, conditioning: Tensor | None = None,
+def ddim(model: DiffusionModel, z_1: Tensor, times: Sequence[float], *, conditioning: Tensor | None = None,
          generator: Generator = None, progress: bool = False, eta: float = 0.0) -> Tensor:
     """DDIM (Song, Meng & Ermon 2021) with stochasticity η ∈ [0, 1] (`process.ddim_step`). η = 0 is the
     first-order exponential integrator of the probability-flow ODE (DPM-Solver++(1)); one call a step."""
@@ -195,7 +217,7 @@ def dpmpp_update(z_t: Tensor, x_hats: list[Tensor], lams: list[Tensor], gamma_t:
     return z_s + alpha_s * h * phi_2 * d1 - alpha_s * h ** 2 * phi_3 * d2
 
 
-def _dpmpp(model: VDM, z_1: Tensor, times: Sequence[float], order: int, conditioning: Tensor | None,
+def _dpmpp(model: DiffusionModel, z_1: Tensor, times: Sequence[float], order: int, conditioning: Tensor | None,
            progress: bool) -> Tensor:
     """DPM-Solver++ multistep of the given order; the first steps use the orders their history allows."""
     z, x_hats, lams = z_1, [], []
@@ -207,21 +229,21 @@ def _dpmpp(model: VDM, z_1: Tensor, times: Sequence[float], order: int, conditio
     return z
 
 
-def dpmpp_2m(model: VDM, z_1: Tensor, times: Sequence[float], *, conditioning: Tensor | None = None,
+def dpmpp_2m(model: DiffusionModel, z_1: Tensor, times: Sequence[float], *, conditioning: Tensor | None = None,
              generator: Generator = None, progress: bool = False) -> Tensor:
     """DPM-Solver++(2M): second-order multistep, data prediction (Lu et al. 2022); one call a step.
     Deterministic (`generator` is accepted for the common signature and unused)."""
     return _dpmpp(model, z_1, times, 2, conditioning, progress)
 
 
-def dpmpp_3m(model: VDM, z_1: Tensor, times: Sequence[float], *, conditioning: Tensor | None = None,
+def dpmpp_3m(model: DiffusionModel, z_1: Tensor, times: Sequence[float], *, conditioning: Tensor | None = None,
              generator: Generator = None, progress: bool = False) -> Tensor:
     """DPM-Solver++(3M): third-order multistep, data prediction; one call a step. Deterministic. Its x̂''
     term is the exact one, twice that of diffusers and k-diffusion (see `dpmpp_update`)."""
     return _dpmpp(model, z_1, times, 3, conditioning, progress)
 
 
-def ode(model: VDM, z_1: Tensor, times: Sequence[float] = (1.0, 0.0), *, conditioning: Tensor | None = None,
+def ode(model: DiffusionModel, z_1: Tensor, times: Sequence[float] = (1.0, 0.0), *, conditioning: Tensor | None = None,
         generator: Generator = None, progress: bool = False, rtol: float = 1e-5, atol: float = 1e-5,
         method: str = "dopri5") -> Tensor:
     """The probability-flow ODE from times[0] to times[-1], solved in γ (dz/dγ = ½σ(ε̂ − σz),
@@ -251,7 +273,7 @@ assert tuple(SAMPLERS) == SAMPLER_NAMES
 
 # --- from latents to images ---------------------------------------------------------------------------------
 @contextlib.contextmanager
-def eval_mode(model: VDM) -> Iterator[VDM]:
+def eval_mode(model: DiffusionModel) -> Iterator[DiffusionModel]:
     """Within the block: `model` in eval mode (no dropout), restored after. A model already in eval mode is not
     touched, so threads may sample it at once."""
     if not model.training:
@@ -264,14 +286,14 @@ def eval_mode(model: VDM) -> Iterator[VDM]:
         model.train()
 
 
-def decode(model: VDM, z_0: Tensor) -> Tensor:
+def decode(model: DiffusionModel, z_0: Tensor) -> Tensor:
     """The decoder's most likely image argmax_x p(x | z_0), uint8 when V ≤ 256, shaped like `z_0`."""
     x = model.decode(z_0)
     return x.to(torch.uint8) if model.config.vocab_size <= 256 else x
 
 
 @torch.no_grad()
-def generate(model: VDM, z_1: Tensor, sampler: str, times: Sequence[float], *, conditioning: Tensor | None = None,
+def generate(model: DiffusionModel, z_1: Tensor, sampler: str, times: Sequence[float], *, conditioning: Tensor | None = None,
              generator: Generator = None, progress: bool = False, **options) -> Tensor:
     """Integer images from `z_1` with the named sampler of `SAMPLERS` on the grid `times` (ending at t = 0),
     then the decoder. Eval mode (no dropout); the model is left as it was. `conditioning` (B,): the network's
@@ -289,7 +311,7 @@ def generate(model: VDM, z_1: Tensor, sampler: str, times: Sequence[float], *, c
         return decode(model, z_0)
 
 
-def ancestral_sample(model: VDM, z_1: Tensor, steps: int, *, conditioning: Tensor | None = None,
+def ancestral_sample(model: DiffusionModel, z_1: Tensor, steps: int, *, conditioning: Tensor | None = None,
                      generator: Generator = None, progress: bool = False) -> Tensor:
     """`steps` ancestral steps on the uniform grid 1, (T−1)/T, …, 0 from `z_1`; integer images (n, C, H, W)."""
     return generate(model, z_1, "ancestral", uniform_times(steps), conditioning=conditioning,
