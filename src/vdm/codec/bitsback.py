@@ -230,7 +230,7 @@ def _flatten_f(groups: Sequence[np.ndarray]) -> np.ndarray:
 # bijection that costs exactly 0 bits and makes the bits the pops read independent of the data, so the latents
 # are drawn from q whatever the stack holds. The decoder applies the same XOR after pushing the latents back.
 # The region is sized from the pops' expected cost (+10 %), so masking reads no deeper than the pops themselves.
-# (What masking is worth is measured in the README's compression section.)
+# (What masking is worth: docs/compression.md, "How a file is coded".)
 MASK_BITS = 16
 SQRT_2_PI_E = 4.1327313541224930  # √(2πe)
 MASK_MARGIN = 1.1

@@ -9,8 +9,8 @@ from vdm.errors import InputError, check_input_file, check_output_dir, check_out
 from vdm.files import atomic_write
 
 DEFAULTS_NOTE = ("The defaults (T = 200 steps, a σ/4 grid, 32-pixel tiles, warm-up pieces down to 8×8) were chosen "
-                 "from measurements of rate against speed with bench/compress.py; the README's compression "
-                 "section gives the measured rates.")
+                 "from measurements of rate against speed with bench/compress.py; docs/measurements.md gives "
+                 "the measured rates.")
 
 
 def register(subparsers) -> None:

@@ -106,8 +106,8 @@ def mirror_extend(z: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """z (B, C, h, w) tiled with mirror images of itself until it is at least height × width; z stays at the
     top-left. A piece much smaller than the training images (a warm-up tile, an edge tile) is seen by the
     network inside a plausible picture rather than alone: GroupNorm statistics over an 8×8 piece are far from
-    those of the 32×32 training crops, so a lone piece costs far more than inside the mosaic (measured in the
-    README's compression section)."""
+    those of the 32×32 training crops, so a lone piece costs far more than inside the mosaic (measured in
+    docs/compression.md, "How a file is coded")."""
     while z.shape[2] < height:
         z = torch.cat([z, z.flip(2)], dim=2)
     while z.shape[3] < width:
