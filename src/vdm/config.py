@@ -140,7 +140,6 @@ class TrainConfig:
 SECTIONS = {"model": VDMConfig, "optim": OptimConfig, "data": DataConfig, "run": RunConfig}
 
 
-
 LEGACY_TEST_HOOKS = ("inject_nonfinite", "throttle_s")  # run.* keys of older configs that set no training value
 
 

@@ -424,7 +424,7 @@ def bar_total(step: int, session_steps: int, elapsed_s: float, max_steps: int, m
 
 def _check_same_run(saved: dict, current: dict, ckpt: Path) -> None:
     """Refuse to resume with settings that change what a step computes (model, optimiser, data, seed, batch)."""
-    saved = upgrade_legacy(saved)  # compared in today's keys (see upgrade_legacy)
+    saved = upgrade_legacy(saved)  # compared in the current keys (see upgrade_legacy)
     diffs = []
     for section in ("model", "optim", "data", "run"):
         a, b = saved.get(section, {}), current.get(section, {})
