@@ -249,11 +249,11 @@ def test_a_file_decodes_exactly_in_another_process_with_other_kernels(tmp_path, 
     np.testing.assert_array_equal(np.load(tmp_path / "out" / "crop.npy"), img)
 
 
-@pytest.mark.parametrize("version", [4, 5, 6])
+@pytest.mark.parametrize("version", [4, 5, 6, 7])
 def test_files_of_every_readable_format_version_keep_decoding(version, device):
-    """Files written with format versions 4, 5 and 6 (tests/fixtures/codec, made on a CPU by `vdm compress
+    """Files written with format versions 4 to 7 (tests/fixtures/codec, made on a CPU by `vdm compress
     photo.npy --steps 6` with the packaged model of the time; version 6 with `--tile 0`, so its 48×40 mirror
-    mosaic sums attention over two blocks of keys) decode to their photo on the device under test: any change
+    mosaic sums attention over two blocks of keys; version 7 with `--spacing snr` and fitted variances) decode to their photo on the device under test: any change
     to the coding arithmetic that would strand existing files fails here."""
     from vdm.codec import decompress_images, read_header
     from vdm.pretrained import load_packaged_model

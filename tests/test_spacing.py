@@ -83,7 +83,7 @@ def test_spacing_fields_round_trip_and_bad_ones_are_refused():
                             np.array([1], dtype=np.uint32))
     data = container.pack(c)
     back = container.read_header(data)
-    assert back.params == params and back.version == container.VERSION == 6
+    assert back.params == params and back.version == container.VERSION == 7
     with pytest.raises(ValueError, match="spacing must be 0"):
         CodingParams(spacing=2)
     with pytest.raises(ValueError, match="spacing_a"):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vdm.codec import detmath
+from vdm.codec.container import ERROR_KNOT_SCALE
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,8 @@ class Chain:
     For step i = 1..T (s = t_{i−1} → t = t_i), index i of:
       q_scale, q_std: q(z_t | z_s) = N(q_scale·z_s, q_std²)   (α_{t|s}, σ_{t|s});
       p_zscale, p_escale, p_std: p(z_s | z_t) = N(p_zscale·z_t − p_escale·ε̂, p_std²)
-        (α_s/α_t and α_s/α_t·σ_t·c with c = −expm1(γ_s − γ_t); p_std = σ_s·√c).
+        (α_s/α_t and α_s/α_t·σ_t·c with c = −expm1(γ_s − γ_t); p_std = σ_s·√(c·r), r = 1 without fitted
+        variances, else `variance_ratio`).
     Index 0 of the step arrays is unused (NaN).
     """
 
@@ -86,8 +88,42 @@ def chain_gammas(model, T: int, snr_density: tuple[float, float] | None) -> np.n
     return snr_spaced_gammas(g0, g1, T, *snr_density)
 
 
-def make_chain(gamma: np.ndarray, grid_bits: int) -> Chain:
-    """The chain's coefficients from γ(t_0..t_T) (float64, strictly increasing) and the grid resolution k."""
+MAX_VARIANCE_RATIO = 16.0  # r is capped here (a few very long steps would otherwise ask for huge windows)
+
+
+def knot_errors(gamma: np.ndarray, codes: tuple[int, ...]) -> np.ndarray:
+    """ē_i, i = 1..T (index 0 unused, NaN): the mean squared error E(ε − ε̂)² per dimension at γ_i, linear
+    between the K error knots, knot k at γ_0 + (γ_T − γ_0)·k/(K − 1) holding codes[k]/ERROR_KNOT_SCALE (one knot:
+    that value everywhere). Correctly rounded float64 operations only."""
+    K, T = len(codes), len(gamma) - 1
+    vals = [q / ERROR_KNOT_SCALE for q in codes]
+    out = np.full(T + 1, np.nan)
+    for i in range(1, T + 1):
+        if K == 1:
+            out[i] = vals[0]
+            continue
+        u = (float(gamma[i]) - float(gamma[0])) / (float(gamma[T]) - float(gamma[0])) * (K - 1)
+        j = min(max(int(math.floor(u)), 0), K - 2)
+        w = min(max(u - j, 0.0), 1.0)
+        out[i] = vals[j] * (1.0 - w) + vals[j + 1] * w
+    return out
+
+
+def variance_ratio(gamma: np.ndarray, errors: np.ndarray) -> np.ndarray:
+    """r_i = min(1 + x_i·ē_i, MAX_VARIANCE_RATIO), x_i = expm1(γ_i − γ_{i−1}): the reverse step's variance over the
+    forward posterior's that minimises the expected KL to q(z_s | z_t, x) when E(ε − ε̂)² = ē_i per dimension
+    (Analytic-DPM, Bao et al. 2022, in VDM's variables; the KL falls from ½·x·ē to ½·log(1 + x·ē) per
+    dimension). Index 0 unused (NaN)."""
+    r = np.full(len(gamma), np.nan)
+    for i in range(1, len(gamma)):
+        x = float(detmath.expm1(float(gamma[i]) - float(gamma[i - 1])))
+        r[i] = min(1.0 + x * float(errors[i]), MAX_VARIANCE_RATIO)
+    return r
+
+
+def make_chain(gamma: np.ndarray, grid_bits: int, errors: np.ndarray | None = None) -> Chain:
+    """The chain's coefficients from γ(t_0..t_T) (float64, strictly increasing), the grid resolution k and, for
+    fitted reverse variances, the errors ē_i of `knot_errors` (None: the forward posterior's variance)."""
     gamma = np.asarray(gamma, dtype=np.float64)
     T = len(gamma) - 1
     if T < 1 or not np.all(np.isfinite(gamma)) or not np.all(np.diff(gamma) > 0):
@@ -95,6 +131,7 @@ def make_chain(gamma: np.ndarray, grid_bits: int) -> Chain:
     alpha = np.sqrt(np.divide(1.0, np.add(1.0, detmath.exp(gamma))))  # α² = sigmoid(−γ)
     sigma = np.sqrt(np.divide(1.0, np.add(1.0, detmath.exp(np.negative(gamma)))))  # σ² = sigmoid(γ)
     delta = sigma * 2.0 ** (-grid_bits)
+    ratio = variance_ratio(gamma, errors) if errors is not None else np.ones(T + 1)
     nan = np.full(T + 1, np.nan)
     q_scale, q_std, p_zscale, p_escale, p_std = (nan.copy() for _ in range(5))
     for i in range(1, T + 1):
@@ -104,5 +141,5 @@ def make_chain(gamma: np.ndarray, grid_bits: int) -> Chain:
         q_std[i] = sigma[i] * math.sqrt(c)  # σ_{t|s}² = σ_t² − α_{t|s}²σ_s² = σ_t²·(1 − e^{γ_s − γ_t})
         p_zscale[i] = alpha[i - 1] / alpha[i]
         p_escale[i] = p_zscale[i] * sigma[i] * c
-        p_std[i] = sigma[i - 1] * math.sqrt(c)
+        p_std[i] = sigma[i - 1] * math.sqrt(c * ratio[i])
     return Chain(T, grid_bits, gamma, alpha, sigma, delta, q_scale, q_std, p_zscale, p_escale, p_std)

@@ -33,6 +33,10 @@ def register(subparsers) -> None:
                    help="how the T steps are spaced: snr weights them by how much each noise level still hides "
                         "(0.75 %% smaller files at T = 200 on 64 held-out tiles), t evenly in time; "
                         f"auto (default): snr for T ≥ {SNR_SPACING_MIN_STEPS}, else t")
+    p.add_argument("--variance", choices=("fitted", "posterior"), default="fitted",
+                   help="the reverse steps' variance: fitted (default) to the model's error at each noise level, "
+                        "measured on the images and recorded in the file (most of the gain at few steps: "
+                        "bench/reverse_variance.py), or the forward posterior's")
     p.add_argument("--tile", type=int, default=d.tile, help=f"tile side in pixels, 0 = whole images (default {d.tile})")
     p.add_argument("--warmup", type=int, default=d.warmup,
                    help="smallest side of the pieces the first tiles are cut into while the ANS stack is too small to lend a "
@@ -94,7 +98,8 @@ def compress_command(args) -> int:
     try:
         params = CodingParams(args.steps, args.grid_bits, args.tile, args.warmup, args.batch,
                               args.threads or torch.get_num_threads(), args.conditioning,
-                              spacing=SPACINGS[args.spacing])
+                              spacing=SPACINGS[args.spacing],
+                              error_knots=None if args.variance == "fitted" else ())
     except ValueError as e:
         raise InputError(f"coding parameters: {e}") from None
     items = [item for path in args.inputs for item in read_images(check_input_file(path))]

@@ -17,7 +17,7 @@ import math
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import constriction
 import numpy as np
@@ -25,9 +25,9 @@ import torch
 
 from vdm.checkpoint import model_fingerprint
 from vdm.codec import bitsback, tiling
-from vdm.codec.chain import Chain, chain_gammas, make_chain
-from vdm.codec.container import (FINGERPRINT_BYTES, MODES, SPACING_SNR, VERSION, CodecFormatError, CodingParams,
-                                 Container, ImageInfo, coding_key, pack, read_header)
+from vdm.codec.chain import Chain, chain_gammas, knot_errors, make_chain
+from vdm.codec.container import (ERROR_KNOT_SCALE, FINGERPRINT_BYTES, MODES, SPACING_SNR, VERSION, CodecFormatError,
+                                 CodingParams, Container, ImageInfo, coding_key, pack, read_header)
 from vdm.codec.intnet import CodingNetwork, exact_arithmetic
 from vdm.progress import progress_bar
 
@@ -172,9 +172,50 @@ class _Network:
 
 
 def coding_chain(model, params: CodingParams) -> Chain:
-    """The latent chain a file with `params` walks: its T + 1 values of γ (`chain.chain_gammas`) and coefficients."""
+    """The latent chain a file with `params` walks: its T + 1 values of γ (`chain.chain_gammas`) and coefficients,
+    with the reverse variances its error knots set."""
+    if params.error_knots is None:
+        raise ValueError("the error knots are not set (compress_images measures them)")
     density = params.spacing_density if params.spacing == SPACING_SNR else None
-    return make_chain(chain_gammas(model, params.steps, density), params.grid_bits)
+    gammas = chain_gammas(model, params.steps, density)
+    errors = knot_errors(gammas, params.error_knots) if params.error_knots else None
+    return make_chain(gammas, params.grid_bits, errors)
+
+
+ERROR_KNOTS = 16  # knots of E(ε − ε̂)² the encoder measures, equally spaced in γ …
+KNOT_TILES = 32  # … on at most this many of the images' tiles, spread over them …
+KNOT_SEED = 0  # … with noise from this seed
+
+
+@torch.no_grad()
+def measure_error_knots(model, chw: Sequence[np.ndarray], tiles: Sequence[tiling.Unit], params: CodingParams
+                        ) -> tuple[int, ...]:
+    """The error knots of `CodingParams.error_knots` for these images: at each of ERROR_KNOTS values of γ from
+    γ(0) to γ(1), the mean over KNOT_TILES of the tiles (each inside its mirror mosaic, as the codec sees it)
+    of (ε − ε̂(z))² per dimension, z = α·f + σ·ε, with the float network. Any estimate decodes (the codes are
+    in the file); a closer one costs fewer bits."""
+    C, vocab, side = model.config.channels, model.config.vocab_size, int(model.config.image_size)
+    pick = [tiles[j] for j in np.linspace(0, len(tiles) - 1, min(KNOT_TILES, len(tiles))).round().astype(int)]
+    density = params.spacing_density if params.spacing == SPACING_SNR else None
+    g0, g1 = (float(v) for v in chain_gammas(model, 1, density))
+    rng = np.random.default_rng(KNOT_SEED)
+    codes = []
+    for k in range(ERROR_KNOTS):
+        gamma = g0 + (g1 - g0) * k / (ERROR_KNOTS - 1)
+        alpha, sigma = math.sqrt(1 / (1 + math.exp(gamma))), math.sqrt(1 / (1 + math.exp(-gamma)))
+        total, count = 0.0, 0
+        for idx in tiling.shape_groups(pick):
+            x = np.stack([tiling.extract(chw, pick[j], C) for j in idx])
+            f = (2 * x.astype(np.float64) + 1) / vocab - 1
+            eps = rng.standard_normal(f.shape)
+            z = torch.from_numpy(alpha * f + sigma * eps).to(model.dtype)
+            h, w = z.shape[2], z.shape[3]
+            zt = mirror_extend(z, side, side).to(model.device)
+            eps_hat = model.eps_hat(zt, torch.full((len(zt),), gamma, dtype=model.dtype, device=model.device))
+            err = eps - eps_hat[:, :, :h, :w].double().cpu().numpy()
+            total, count = total + float(np.sum(err * err)), count + err.size
+        codes.append(int(min(255, round(total / count * ERROR_KNOT_SCALE))))
+    return tuple(codes)
 
 
 def compress_images(images: Sequence[np.ndarray], model, params: CodingParams = CodingParams(),
@@ -189,11 +230,13 @@ def compress_images(images: Sequence[np.ndarray], model, params: CodingParams = 
     for im in chw:
         tiling.plane_channels(im.shape[0], C)  # raises for channel counts the model cannot code
     model.eval()
+    tiles = tiling.plan_units([im.shape for im in chw], C, params.tile)
+    _check_unit_sizes(tiles)
+    if params.error_knots is None:
+        params = replace(params, error_knots=measure_error_knots(model, chw, tiles, params))
     chain = coding_chain(model, params)
     fp = model_fingerprint(model)[:FINGERPRINT_BYTES]
     key = coding_key(fp, params, infos)
-    tiles = tiling.plan_units([im.shape for im in chw], C, params.tile)
-    _check_unit_sizes(tiles)
     per_dim = bitsback.deficit_bits_per_dim(chain)
     coder = constriction.stream.stack.AnsCoder(seed_words(0))
     budget = 0  # bits on the stack when the current stage started; the split rule below reads it as it changes

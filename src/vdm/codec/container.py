@@ -13,6 +13,8 @@ Layout (integers are unsigned LEB128 varints unless a size is given; multi-byte 
     spacing      1 byte   how the chain's T steps are spaced: 0 uniform in t, 1 SNR-weighted (`chain.py`)
     spacing_a, spacing_b  2 × int16: the SNR-weighted density's slope a and centre b, in units of 1/256
                  (these three only where `FORMATS[version].spacing_fields`; else the chain is uniform in t)
+    n_knots      1 byte, then n_knots bytes: the reverse steps' error knots (`CodingParams.error_knots`; only
+                 where `FORMATS[version].fitted_variance`)
     n_splits     varint, then the warm-up split flags (`tiling.WarmupPlan`), 8 per byte, least significant first
     n_runs       varint, then per run of consecutive images with equal entries: count (varint), mode
                  (1 byte: 0 grey H×W, 1 grey H×W×1, 2 RGB H×W×3), height, width (varints),
@@ -46,12 +48,15 @@ class FormatRules:
     attention_grids: tuple[int, int]  # (s, v): attention's softmax weights round(2^s·e^−d) and values
     # |v| ≤ 2^v (per-unit power-of-two step); s + v ≤ 24: float32 sums over blocks of 2^(24 − s − v) keys,
     # otherwise float64 sums (`intnet.QuantAttnBlock`)
+    fitted_variance: bool = False  # the header carries error knots; p(z_s | z_t) has the variance fitted to
+    # the step (`chain.make_chain`) instead of the forward posterior's
 
 
 FORMATS = {  # every version this vdm reads; the newest is the one it writes
     4: FormatRules(spacing_fields=False, threads_in_key=True, attention_grids=(15, 16)),
     5: FormatRules(spacing_fields=True, threads_in_key=True, attention_grids=(15, 16)),
     6: FormatRules(spacing_fields=True, threads_in_key=False, attention_grids=(7, 7)),
+    7: FormatRules(spacing_fields=True, threads_in_key=False, attention_grids=(7, 7), fitted_variance=True),
 }
 VERSION = max(FORMATS)
 FINGERPRINT_BYTES = 16
@@ -61,6 +66,8 @@ MAX_PIXELS = 1 << 28  # largest total number of pixels accepted from a file
 MAX_NAME = 4096
 MAX_BATCH = 1024  # units per network call
 MAX_THREADS = 256
+MAX_KNOTS = 64
+ERROR_KNOT_SCALE = 128  # an error knot's code q stands for the mean squared error q/128 per dimension (0 … 1.99)
 SPACING_T, SPACING_SNR = 0, 1  # CodingParams.spacing: steps uniform in t, or SNR-weighted in γ
 SPACINGS = {"auto": -1, "t": SPACING_T, "snr": SPACING_SNR}  # names of CodingParams.spacing (command line)
 SNR_SPACING_MIN_STEPS = 50  # below, a few big steps even in t lose less than SNR-weighted ones (the packaged
@@ -101,6 +108,9 @@ class CodingParams:
     spacing_a: int = 128  # its slope a = spacing_a/256 (0.5) …
     spacing_b: int = -1920  # … and centre b = spacing_b/256 (−7.5): fitted to a packaged model's e(γ)
     # (bench/chain_spacing.py; bench/results/chain_spacing_T200.txt)
+    error_knots: tuple[int, ...] | None = None  # E(ε − ε̂)² per dimension at equally spaced γ from γ(0) to γ(1),
+    # in 1/ERROR_KNOT_SCALE (codes 0..255), setting each reverse step's variance (`chain.knot_errors`); () for
+    # the forward posterior's variance; None (default): the encoder measures them on the images it codes
 
     def __post_init__(self):
         if self.spacing == -1:
@@ -120,6 +130,11 @@ class CodingParams:
         if not (0 <= self.spacing_a < 2 ** 15 and -2 ** 15 <= self.spacing_b < 2 ** 15):
             raise ValueError(f"spacing_a must lie in 0..32767 and spacing_b in -32768..32767, got "
                              f"{self.spacing_a}, {self.spacing_b}")
+        if self.error_knots is not None:
+            knots = tuple(self.error_knots)
+            if len(knots) > MAX_KNOTS or not all(isinstance(q, int) and 0 <= q <= 255 for q in knots):
+                raise ValueError(f"error_knots must be at most {MAX_KNOTS} integers in 0..255, got {knots!r}")
+            object.__setattr__(self, "error_knots", knots)
 
     @property
     def spacing_density(self) -> tuple[float, float]:
@@ -198,7 +213,7 @@ def pack(c: Container) -> bytes:
     out += c.fingerprint
     for v in (p.steps, p.grid_bits, p.tile, p.warmup, p.batch, p.threads, c.seed_words):
         out += _varint(v)
-    out += struct.pack("<d", p.conditioning) + _spacing(p)
+    out += struct.pack("<d", p.conditioning) + _spacing(p) + _knots(p)
     out += _varint(len(c.splits)) + np.packbits(np.asarray(c.splits, dtype=bool), bitorder="little").tobytes()
     out += _image_table(c.images)
     out += _varint(len(c.stages))
@@ -231,10 +246,15 @@ def _spacing(p: CodingParams) -> bytes:
     return struct.pack("<Bhh", p.spacing, p.spacing_a, p.spacing_b)
 
 
+def _knots(p: CodingParams) -> bytes:
+    knots = p.error_knots or ()  # None (not measured) is written as none: the posterior variance
+    return bytes([len(knots)]) + bytes(knots)
+
+
 def coding_key(fingerprint: bytes, params: CodingParams, images: list[ImageInfo], version: int = VERSION) -> bytes:
     """SHA-256 of what the header says before coding starts: b"vdm-coding-key", the version byte, the 16-byte
     fingerprint, the coding-parameter varints but threads (with it where the format's `threads_in_key`), the
-    float64 conditioning, the spacing fields (where the format has them) and the image table, laid out as in the
+    float64 conditioning, the spacing fields and the error knots (where the format has them) and the image table, laid out as in the
     file. The masks and top-up words of the stream are derived from it, so a header altered after encoding (its
     checksum recomputed) no longer decodes: the stream fails its checks instead of yielding other pixels. The
     thread count is a performance setting: formats that leave it out never change a file with it."""
@@ -245,6 +265,8 @@ def coding_key(fingerprint: bytes, params: CodingParams, images: list[ImageInfo]
     h.update(struct.pack("<d", p.conditioning))
     if rules.spacing_fields:
         h.update(_spacing(p))
+    if rules.fitted_variance:
+        h.update(_knots(p))
     h.update(_image_table(images))
     return h.digest()
 
@@ -270,9 +292,10 @@ def read_header(data: bytes) -> Container:
     vals = [r.varint(1 << 20) for _ in range(7)]
     (conditioning,) = struct.unpack("<d", r.take(8))
     spacing = struct.unpack("<Bhh", r.take(5)) if FORMATS[version].spacing_fields else (SPACING_T, 0, 0)
+    knots = tuple(r.take(r.take(1)[0])) if FORMATS[version].fitted_variance else ()
     try:
         params = CodingParams(*vals[:6], conditioning=conditioning, spacing=spacing[0], spacing_a=spacing[1],
-                              spacing_b=spacing[2])
+                              spacing_b=spacing[2], error_knots=knots)
     except ValueError as e:
         raise CodecFormatError(f"bad coding parameters ({e})") from None
     n_splits = r.varint(MAX_PIXELS)
