@@ -95,7 +95,8 @@ def params_from(args):
     from vdm.codec import CodingParams
     from vdm.codec.container import SPACINGS
     return CodingParams(args.steps, args.grid_bits, args.tile, args.warmup, args.batch,
-                        args.threads or torch.get_num_threads(), spacing=SPACINGS[args.spacing])
+                        args.threads or torch.get_num_threads(), spacing=SPACINGS[args.spacing],
+                        error_knots=None if args.variance == "fitted" else ())
 
 
 def bench_photos(args) -> None:
@@ -191,10 +192,10 @@ def bench_tiles(args) -> None:
     c = read_header(data)
     D = x.size
     # −ELBO_T per tile in bits/dim: T stratified draws per tile hit every step of the chain once
-    g = coding_chain(model, params).gamma
+    g = coding_chain(model, c.params).gamma
     elbo = image_losses(model, x, time_samples=params.steps, seed=args.seed, batch_size=256, gammas=g).sum(1)
     even = None
-    if params.spacing != 0:  # also the evenly spaced chain's (format 4), for comparison
+    if params.spacing != 0:  # also the evenly spaced chain's, for comparison
         even = image_losses(model, x, steps=params.steps, time_samples=params.steps, seed=args.seed,
                             batch_size=256).sum(1)
     net = 8 * len(data) / D
@@ -206,11 +207,11 @@ def bench_tiles(args) -> None:
     print(f"| of which initial and top-up bits (fresh random words) | {32 * (c.seed_words + sum(c.topups)) / D:.4f} |")
     print(f"| of which header + checksum | {8 * (len(data) - 4 * len(c.payload)) / D:.4f} |")
     spacing = {0: "even in t", 1: "SNR-weighted"}[params.spacing]
-    print(f"| negative ELBO of the coded chain, T = {params.steps}, {spacing} (± standard error) | "
+    print(f"| negative ELBO_T of the chain with the posterior's variances, T = {params.steps}, {spacing} (± s.e.) | "
           f"{elbo.mean():.4f} ± {elbo.std(ddof=1) / math.sqrt(len(elbo)):.4f} |")
     print(f"| net rate / negative ELBO | {net / elbo.mean():.4f} |")
     if even is not None:
-        print(f"| negative ELBO, T = {params.steps} even in t (format 4's chain; ± standard error) | "
+        print(f"| negative ELBO_T, T = {params.steps} even in t (posterior variances; ± standard error) | "
               f"{even.mean():.4f} ± {even.std(ddof=1) / math.sqrt(len(even)):.4f} |")
         print(f"| net rate / that | {net / even.mean():.4f} |")
     stage_table(model, params, x, c, stage_bits, g, args.seed)
@@ -261,6 +262,8 @@ def main(argv=None) -> int:
     p.add_argument("--tile", type=int, default=d.tile, help="tile side (0 = whole images)")
     p.add_argument("--warmup", type=int, default=d.warmup, help="warm-up tile side")
     p.add_argument("--spacing", choices=tuple(SPACINGS), default="auto", help="the chain's step spacing")
+    p.add_argument("--variance", choices=("fitted", "posterior"), default="fitted",
+                   help="the reverse steps' variance (vdm compress --variance)")
     p.add_argument("--batch", type=int, default=d.batch, help="tiles per network call")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default torch's)")
     p.add_argument("--limit", type=int, default=0, help="only the first N photos")

@@ -78,7 +78,7 @@ PINNED = "41182feeee24678f598f2a85f4e35206744776ad788143dedcd6580f7c5426b3"
 
 
 def test_spacing_fields_round_trip_and_bad_ones_are_refused():
-    params = CodingParams(steps=3, spacing=1, spacing_a=300, spacing_b=-2000)
+    params = CodingParams(steps=3, spacing=1, spacing_a=300, spacing_b=-2000, error_knots=(3, 200, 0))
     c = container.Container(b"\1" * 16, params, 1, [container.ImageInfo(2, 4, 4)], [1],
                             np.array([1], dtype=np.uint32))
     data = container.pack(c)
