@@ -16,7 +16,6 @@ discrete-time ELBO for the same T (mean over the same tiles, with its standard e
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import math
 import sys
@@ -142,38 +141,11 @@ def bench_photos(args) -> None:
         print("| " + " | ".join(row) + " |")
 
 
-@contextlib.contextmanager
-def recorded_stage_bits():
-    """Within: a list that receives each coded stage's net code length in bits (what its bits-back pass added to
-    the stack, top-up words not counted), in coding order. A stage coded again with more top-up words counts
-    once, with its last attempt."""
-    from vdm.codec import bitsback
-    push_words, encode_stage, attempts, opened = bitsback.push_words, bitsback.encode_stage, {}, {}
-
-    def pushing(coder, words):  # outside a stage's pass: its top-up words, pushed just before it
-        if id(coder) not in opened:
-            opened[id(coder)] = coder.num_bits() + 32 * len(words)
-        push_words(coder, words)
-
-    def recording(coder, chain, eps_fn, groups, *args, **kwargs):
-        opened.setdefault(id(coder), coder.num_bits())  # a stage without top-up words
-        low = encode_stage(coder, chain, eps_fn, groups, *args, **kwargs)
-        attempts[id(groups)] = (groups, coder.num_bits() - opened.pop(id(coder)))  # groups held: ids not reused
-        return low
-
-    out: list[int] = []
-    bitsback.push_words, bitsback.encode_stage = pushing, recording
-    try:
-        yield out
-    finally:
-        bitsback.push_words, bitsback.encode_stage = push_words, encode_stage
-        out.extend(bits for _, bits in attempts.values())
-
-
 def bench_tiles(args) -> None:
     from vdm.codec import compress_images, decompress_images, read_header
     from vdm.codec.compressor import coding_chain
     from vdm.evaluate import image_losses
+    from vdm.testing import recorded_stage_bits
     from vdm.data import load_dataset
     model, params = load(args), params_from(args)
     tiles = load_dataset("photos", "test")

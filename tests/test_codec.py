@@ -336,27 +336,13 @@ def test_a_stage_short_of_bits_is_coded_again_with_top_up_words(model, monkeypat
         np.testing.assert_array_equal(decoded.pixels, original)
 
 
-def test_stage_bits_account_for_the_whole_payload(model, monkeypatch):
+def test_stage_bits_account_for_the_whole_payload(model):
     """The stages' code lengths (what each kept `bitsback.encode_stage` added to the stack), plus the top-up
     words and the initial words, are the payload's size exactly (the stack's bits telescope over the stages)."""
     from vdm.codec.compressor import seed_words
-    push_words, encode_stage, kept, opened = bitsback.push_words, bitsback.encode_stage, {}, {}
-
-    def pushing(coder, words):  # outside a stage's pass: its top-up words, pushed just before it
-        if id(coder) not in opened:
-            opened[id(coder)] = coder.num_bits() + 32 * len(words)
-        push_words(coder, words)
-
-    def recording(coder, chain, eps_fn, groups, *args, **kwargs):
-        opened.setdefault(id(coder), coder.num_bits())  # a stage without top-up words
-        low = encode_stage(coder, chain, eps_fn, groups, *args, **kwargs)
-        kept[id(groups)] = (groups, coder.num_bits() - opened.pop(id(coder)))  # a stage coded again: its last try
-        return low
-
-    monkeypatch.setattr(bitsback, "push_words", pushing)
-    monkeypatch.setattr(bitsback, "encode_stage", recording)
-    data = compress_images(some_images(4), model, FAST)
-    stage_bits = [bits for _, bits in kept.values()]
+    from vdm.testing import recorded_stage_bits
+    with recorded_stage_bits() as stage_bits:
+        data = compress_images(some_images(4), model, FAST)
     c = read_header(data)
     assert len(stage_bits) == len(c.stages)
     start = constriction.stream.stack.AnsCoder(seed_words(c.seed_words)).num_bits()
