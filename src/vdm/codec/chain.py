@@ -98,10 +98,10 @@ def knot_errors(gamma: np.ndarray, codes: tuple[int, ...]) -> np.ndarray:
     K, T = len(codes), len(gamma) - 1
     vals = [q / ERROR_KNOT_SCALE for q in codes]
     out = np.full(T + 1, np.nan)
+    if K == 1:
+        out[1:] = vals[0]
+        return out
     for i in range(1, T + 1):
-        if K == 1:
-            out[i] = vals[0]
-            continue
         u = (float(gamma[i]) - float(gamma[0])) / (float(gamma[T]) - float(gamma[0])) * (K - 1)
         j = min(max(int(math.floor(u)), 0), K - 2)
         w = min(max(u - j, 0.0), 1.0)

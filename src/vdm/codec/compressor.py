@@ -25,7 +25,7 @@ import torch
 
 from vdm.checkpoint import model_fingerprint
 from vdm.codec import bitsback, tiling
-from vdm.codec.chain import Chain, chain_gammas, knot_errors, make_chain
+from vdm.codec.chain import Chain, chain_gammas, gammas, knot_errors, make_chain
 from vdm.codec.container import (ERROR_KNOT_SCALE, FINGERPRINT_BYTES, MODES, SPACING_SNR, VERSION, CodecFormatError,
                                  CodingParams, Container, ImageInfo, coding_key, pack, read_header)
 from vdm.codec.intnet import CodingNetwork, exact_arithmetic
@@ -177,9 +177,9 @@ def coding_chain(model, params: CodingParams) -> Chain:
     if params.error_knots is None:
         raise ValueError("the error knots are not set (compress_images measures them)")
     density = params.spacing_density if params.spacing == SPACING_SNR else None
-    gammas = chain_gammas(model, params.steps, density)
-    errors = knot_errors(gammas, params.error_knots) if params.error_knots else None
-    return make_chain(gammas, params.grid_bits, errors)
+    gamma = chain_gammas(model, params.steps, density)
+    errors = knot_errors(gamma, params.error_knots) if params.error_knots else None
+    return make_chain(gamma, params.grid_bits, errors)
 
 
 ERROR_KNOTS = 16  # knots of E(ε − ε̂)² the encoder measures, equally spaced in γ …
@@ -188,16 +188,14 @@ KNOT_SEED = 0  # … with noise from this seed
 
 
 @torch.no_grad()
-def measure_error_knots(model, chw: Sequence[np.ndarray], tiles: Sequence[tiling.Unit], params: CodingParams
-                        ) -> tuple[int, ...]:
+def measure_error_knots(model, chw: Sequence[np.ndarray], tiles: Sequence[tiling.Unit]) -> tuple[int, ...]:
     """The error knots of `CodingParams.error_knots` for these images: at each of ERROR_KNOTS values of γ from
     γ(0) to γ(1), the mean over KNOT_TILES of the tiles (each inside its mirror mosaic, as the codec sees it)
     of (ε − ε̂(z))² per dimension, z = α·f + σ·ε, with the float network. Any estimate decodes (the codes are
     in the file); a closer one costs fewer bits."""
     C, vocab, side = model.config.channels, model.config.vocab_size, int(model.config.image_size)
     pick = [tiles[j] for j in np.linspace(0, len(tiles) - 1, min(KNOT_TILES, len(tiles))).round().astype(int)]
-    density = params.spacing_density if params.spacing == SPACING_SNR else None
-    g0, g1 = (float(v) for v in chain_gammas(model, 1, density))
+    g0, g1 = (float(v) for v in gammas(model, 1))  # the chain's ends, whatever its spacing
     rng = np.random.default_rng(KNOT_SEED)
     codes = []
     for k in range(ERROR_KNOTS):
@@ -233,7 +231,7 @@ def compress_images(images: Sequence[np.ndarray], model, params: CodingParams = 
     tiles = tiling.plan_units([im.shape for im in chw], C, params.tile)
     _check_unit_sizes(tiles)
     if params.error_knots is None:
-        params = replace(params, error_knots=measure_error_knots(model, chw, tiles, params))
+        params = replace(params, error_knots=measure_error_knots(model, chw, tiles))
     chain = coding_chain(model, params)
     fp = model_fingerprint(model)[:FINGERPRINT_BYTES]
     key = coding_key(fp, params, infos)

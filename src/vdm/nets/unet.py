@@ -249,8 +249,10 @@ class ScoreUNet(nn.Module):
         block takes one."""
         plan: list[Layer] = []
         for blk, att in zip(self.down, self.down_attn):
-            plan += [Layer(blk), Layer(att)] if isinstance(att, AttnBlock) else [Layer(blk)]
-            plan[-1] = Layer(plan[-1].module, push_skip=True)
+            if isinstance(att, AttnBlock):
+                plan += [Layer(blk), Layer(att, push_skip=True)]
+            else:
+                plan.append(Layer(blk, push_skip=True))
         plan += [Layer(self.mid_block1), Layer(self.mid_attn), Layer(self.mid_block2)]
         for blk, att in zip(self.up, self.up_attn):
             plan.append(Layer(blk, pop_skip=True))
